@@ -1,0 +1,142 @@
+"""Where things live inside each supported architecture, keyed on ``config.model_type``.
+
+An :class:`Arch` names the block list, the Q/K/V projections and the config attributes that a student builder
+needs. Nothing here reads parameters: module lookups only, so it is safe on ZeRO-3-partitioned models.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .registry import Registry
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Module paths of one architecture family.
+
+    Attributes:
+        blocks: path of the transformer block list, relative to ``model.base_model``.
+        q, k, v: paths of the query/key/value projections relative to one block.
+        fused_qkv: path of a fused ``[q | k | v]`` projection (GPT-2's ``c_attn``) used instead of q/k/v.
+        embeddings: path of the embedding module relative to ``model.base_model`` (mixup, embedding taps).
+        causal: decoder (causal attention mask) or encoder.
+        intermediate_attr: config attribute of the MLP width (differs between families).
+    """
+
+    blocks: str
+    q: str | None
+    k: str | None
+    v: str | None
+    embeddings: str
+    causal: bool
+    fused_qkv: str | None = None
+    intermediate_attr: str = "intermediate_size"
+
+
+ARCHS: Registry[Arch] = Registry("architecture (config.model_type)")
+
+_BERT = Arch(
+    blocks="encoder.layer",
+    q="attention.self.query",
+    k="attention.self.key",
+    v="attention.self.value",
+    embeddings="embeddings",
+    causal=False,
+)
+for _name in ("bert", "roberta", "xlm-roberta", "electra", "camembert"):
+    ARCHS.register(_name)(_BERT)
+ARCHS.register("distilbert")(
+    Arch(
+        blocks="transformer.layer",
+        q="attention.q_lin",
+        k="attention.k_lin",
+        v="attention.v_lin",
+        embeddings="embeddings",
+        causal=False,
+        intermediate_attr="hidden_dim",
+    )
+)
+ARCHS.register("gpt2")(
+    Arch(blocks="h", q=None, k=None, v=None, fused_qkv="attn.c_attn", embeddings="wte", causal=True,
+         intermediate_attr="n_inner")
+)
+_LLAMA = Arch(
+    blocks="layers",
+    q="self_attn.q_proj",
+    k="self_attn.k_proj",
+    v="self_attn.v_proj",
+    embeddings="embed_tokens",
+    causal=True,
+)
+for _name in ("llama", "qwen2", "mistral", "qwen3"):
+    ARCHS.register(_name)(_LLAMA)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside DeepSpeed/Accelerate/DDP wrappers (they all keep it in ``.module``)."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def arch_of(model_or_config) -> Arch:
+    config = getattr(model_or_config, "config", model_or_config)
+    return ARCHS.get(config.model_type)
+
+
+def _get(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path) if path else root
+
+
+def blocks(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks, in order (block i of the papers is ``blocks(model)[i - 1]``)."""
+    model = unwrap(model)
+    return _get(model.base_model, arch_of(model).blocks)
+
+
+def num_blocks(model_or_config) -> int:
+    config = getattr(model_or_config, "config", model_or_config)
+    return int(config.num_hidden_layers)
+
+
+def embeddings(model: nn.Module) -> nn.Module:
+    model = unwrap(model)
+    return _get(model.base_model, arch_of(model).embeddings)
+
+
+def block_prefix(model: nn.Module) -> str:
+    """State-dict prefix of the block list, e.g. ``bert.encoder.layer.`` (for copying teacher blocks)."""
+    model = unwrap(model)
+    base = model.base_model_prefix
+    path = arch_of(model).blocks
+    prefix = f"{base}.{path}." if getattr(model, base, None) is not None and model.base_model is not model else f"{path}."
+    return prefix
+
+
+def attention_geometry(config) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head dim) of a config; GQA models have fewer key/value heads."""
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return heads, kv_heads, head_dim
+
+
+def qkv_modules(model: nn.Module, block_index: int) -> dict[str, nn.Module]:
+    """Projection modules of 1-based block ``block_index``: ``{"q": m, "k": m, "v": m}`` or ``{"qkv": m}``."""
+    arch = arch_of(unwrap(model))
+    block = blocks(model)[block_index - 1]
+    if arch.fused_qkv:
+        return {"qkv": _get(block, arch.fused_qkv)}
+    return {"q": _get(block, arch.q), "k": _get(block, arch.k), "v": _get(block, arch.v)}
+
+
+def is_causal(model_or_config) -> bool:
+    return arch_of(model_or_config).causal
+
+
+def split_fused_qkv(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPT-2's ``c_attn`` output ``[B, L, 3D]`` -> q, k, v each ``[B, L, D]``."""
+    return out.chunk(3, dim=-1)

