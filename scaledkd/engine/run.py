@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -59,7 +60,8 @@ def prepare_run_dir(cfg: Config) -> Path:
                 )
             aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
             run_dir.rename(aside)
-            log.warning("overwrite=true: moved the previous contents of %s to %s", run_dir, aside)
+            log.warning("overwrite=true: moved the previous run in %s to %s; it is deleted once this run "
+                        "finishes", run_dir, aside)
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     return run_dir
@@ -487,6 +489,8 @@ def finish(run: Run, result: dict[str, Any]) -> dict[str, Any]:
         metrics["export_dir"] = str(run.run_dir / "student")
         metrics["scaledkd_version"] = __version__
         checkpoint.write_json(run.run_dir / FINISHED_MARKER, metrics)
+        for aside in run.run_dir.parent.glob(f"{run.run_dir.name}.replaced-*"):
+            shutil.rmtree(aside, ignore_errors=True)  # the run it replaced, kept until this one finished
     dist.barrier()
     return metrics
 
