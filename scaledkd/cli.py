@@ -4,8 +4,11 @@
     scaledkd finetune RECIPE [overrides]            train the student on the task alone (no teacher)
     scaledkd validate RECIPE [overrides]            check config, models and data without training
     scaledkd eval MODEL_DIR --task T --data-dir D   dev metrics of an exported model, as JSON
+    scaledkd eval MODEL_DIR --task lm --file F      perplexity of an exported causal LM on a text/JSON-lines file
     scaledkd export RUN_DIR OUT_DIR                 consolidate a run's checkpoint into a Hugging Face folder
     scaledkd losses                                 list the registered losses
+    scaledkd plan RECIPE --gpus N --gpu-mem G       per-GPU memory of every teacher/student ZeRO layout
+    scaledkd study SPEC [--dry-run] [--only PATTERN] run a grid of recipes (methods x inits x tasks x seeds)
 """
 from __future__ import annotations
 
@@ -53,7 +56,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from .summary import print_summary
 
     cfg = _load(args.items, need_recipe=False)
-    metrics = run_distillation(cfg)
+    if cfg.stages:
+        from .engine.stages import run_stages
+
+        metrics = run_stages(cfg)
+    else:
+        metrics = run_distillation(cfg)
     print_summary(cfg, metrics)
     return 0
 
@@ -66,6 +74,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .summary import print_summary
 
     cfg = _load(args.items, need_recipe=True)
+    if cfg.stages:
+        raise SystemExit("error: a staged recipe (stages:) runs with `scaledkd distill`; a teacher fine-tune is one "
+                         "of its stages (trains: teacher)")
     if cfg.teacher is not None:
         log.info("finetune: ignoring the recipe's teacher (%s); the student trains on the task alone", cfg.teacher.path)
         cfg.teacher = None
@@ -78,7 +89,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from .engine.run import validate
 
     cfg = _load(args.items, need_recipe=True)
-    report = validate(cfg)
+    if cfg.stages:
+        from .engine.stages import validate_stages
+
+        report = validate_stages(cfg)
+    else:
+        report = validate(cfg)
     print(json.dumps({"ok": True, **report}, indent=2))
     return 0
 
@@ -87,16 +103,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from . import data, models
     from .config import DataConfig
     from .engine.run import eval_batches, task_kind
-    from .evaluation import evaluate_task
+    from .evaluation import evaluate_task, perplexity
 
+    if args.task == "lm" and not args.file:
+        raise SystemExit("error: --task lm needs --file (the text or JSON-lines file to score)")
+    lm_kw = {"train_file": args.file, "eval_file": args.file, "documents": args.documents,
+             "packing": not args.no_packing} if args.task == "lm" else {}
     data_cfg = DataConfig(task=args.task, data_dir=args.data_dir, max_length=args.max_length,
-                          max_eval_samples=args.max_samples)
+                          max_eval_samples=args.max_samples, **lm_kw)
     spec = data.task_spec(data_cfg)
     kind = task_kind(spec)
     if kind == "agnostic":
-        raise SystemExit(f"error: --task {args.task} has no labels to evaluate; give a GLUE task")
+        raise SystemExit(f"error: --task {args.task} has no labels to evaluate; give a GLUE task or lm")
     model = models.load_pretrained(args.model_dir, kind, spec.num_labels)
     tokenizer = models.load_tokenizer(args.model_dir)
+    if kind == "causal_lm":
+        rows = data.pack_documents(data.load_examples(data_cfg, "dev", args.seed), tokenizer, args.max_length,
+                                   data_cfg.packing, drop_remainder=False)
+        scores = perplexity(model, eval_batches(rows, args.batch_size, data.make_lm_collator(tokenizer)))
+        print(json.dumps({"model": args.model_dir, "task": "lm", "file": args.file, "rows": len(rows),
+                          "max_length": args.max_length, **scores}, indent=2))
+        return 0
     dev = data.tokenize_dataset(data.load_examples(data_cfg, "dev", args.seed), tokenizer, args.max_length)
     scores = evaluate_task(model, eval_batches(dev, args.batch_size, data.make_collator(tokenizer)), kind, spec.name)
     print(json.dumps({"model": args.model_dir, "task": args.task, "examples": len(dev), **scores}, indent=2))
@@ -121,6 +148,21 @@ def cmd_losses(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from .study import run_study
+
+    return run_study(args.spec, dry_run=args.dry_run, only=args.only)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import check_arguments, format_plan, make_plan, plan_as_dict
+
+    check_arguments(args.gpus, args.gpu_mem, args.headroom)
+    plan = make_plan(_load(args.items, need_recipe=True), args.gpus, args.gpu_mem, args.headroom)
+    print(json.dumps(plan_as_dict(plan), indent=2) if args.json else format_plan(plan))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scaledkd", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -142,8 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="dev metrics of an exported model, printed as JSON")
     p.add_argument("model_dir")
-    p.add_argument("--task", required=True, help="GLUE task name (sst2, rte, stsb, ...)")
-    p.add_argument("--data-dir", default=None, help="GLUE folder (default $SCALEDKD_DATA_DIR)")
+    p.add_argument("--task", required=True, help="GLUE task name (sst2, rte, stsb, ...) or lm (perplexity)")
+    p.add_argument("--data-dir", default=None, help="GLUE folder, or the folder --file is relative to "
+                                                    "(default $SCALEDKD_DATA_DIR)")
+    p.add_argument("--file", default=None, help="--task lm: the text or JSON-lines file to score (all of it)")
+    p.add_argument("--documents", default="blank_line",
+                   help="--task lm, plain text: blank_line, line, whole or sep:<separator> (data.documents)")
+    p.add_argument("--no-packing", action="store_true", help="--task lm: one truncated document per row")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--max-samples", type=int, default=None)
@@ -158,6 +205,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("losses", help="list the registered losses")
     p.set_defaults(func=cmd_losses)
+
+    p = sub.add_parser("plan", help="per-GPU memory of every teacher/student ZeRO layout and the one to use",
+                       description="Estimate per-GPU memory of the recipe's teacher (replicated, ZeRO-3, "
+                       "ZeRO-3 + offload) and student (ZeRO-0/1/2/3, offload) from the model configs alone (no "
+                       "weights are loaded), and recommend the least-sharded layout that fits, with the "
+                       "ds_configs/*.json to put in the recipe.")
+    p.add_argument("items", nargs="+", metavar="RECIPE [OVERRIDE]", help=overrides_help)
+    p.add_argument("--gpus", type=int, required=True, help="GPUs in the job, all nodes together")
+    p.add_argument("--gpu-mem", type=float, required=True, help="memory per GPU in GiB (e.g. 80 for an H100)")
+    p.add_argument("--headroom", type=float, default=0.15,
+                   help="share of each GPU's memory kept free for the CUDA context, NCCL and fragmentation (0.15)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("study", help="run a grid of cells (methods x inits x tasks x seeds), resumably, and "
+                       "summarise it", description="Run every unfinished cell of SPEC as its own subprocess "
+                       "(a finished cell has metrics.json and is skipped; a failed one is retried next time) and "
+                       "write results.csv, summary.csv/.md/.png and commands.md to the spec's results folder. "
+                       "Spec format: the docstring of scaledkd/study.py; example: benchmarks/quality/study.yaml.")
+    p.add_argument("spec", help="study spec (YAML)")
+    p.add_argument("--dry-run", action="store_true", help="list the cells, their status and commands; run nothing")
+    p.add_argument("--only", default=None, metavar="PATTERN",
+                   help="comma-separated globs over cell ids (task/method[/init]/sSEED), e.g. 'rte/*' or "
+                        "'*/kd/*'; the cells they wait for are included")
+    p.set_defaults(func=cmd_study)
     return parser
 
 

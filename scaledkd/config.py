@@ -6,6 +6,7 @@ choices. The resolved config is written beside every run (``config.yaml``) and i
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -66,6 +67,8 @@ class StudentConfig:
         hidden_size, num_attention_heads, intermediate_size: ``config`` overrides (smaller width/heads).
         ds_config: DeepSpeed JSON for student training (ZeRO stage 0/1/2/3, offload).
         gradient_checkpointing: recompute student blocks in backward (taps stay correct).
+        freeze: keep every student weight fixed; only the losses' own modules train (TED stage I: filters,
+            poolers and heads on a frozen backbone). The exported student is then the initial one.
     """
 
     init: Literal["teacher_layers", "config", "pretrained"] = "teacher_layers"
@@ -78,6 +81,7 @@ class StudentConfig:
     intermediate_size: int | None = None
     ds_config: str = "ds_configs/zero0.json"
     gradient_checkpointing: bool = False
+    freeze: bool = False
 
     def __post_init__(self) -> None:
         _choices("student.init", self.init, ["teacher_layers", "config", "pretrained"])
@@ -93,7 +97,45 @@ class StudentConfig:
             _positive(f"student.{name}", getattr(self, name))
 
 
-TASK_NAMES = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli", "text", "csv", "jsonl")
+TASK_NAMES = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli", "text", "csv", "jsonl", "lm")
+LM_DOCUMENTS = ("blank_line", "line", "whole")  # or "sep:<literal separator>"
+
+
+GLUE_TASK_NAMES = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
+SUPPLEMENTARY_TASKS = (*GLUE_TASK_NAMES, "text", "csv", "jsonl")
+
+
+@dataclass
+class SupplementaryConfig:
+    """Extra unlabeled training inputs for label-free stages (CR-ILD's supplementary ILD data, METHODS.md §4).
+
+    Attributes:
+        task: where the inputs come from: a GLUE task (its training inputs; labels dropped), ``text``, ``csv`` or
+            ``jsonl``.
+        mode: ``mix`` adds the inputs to the target training set, ``replace`` trains on them alone. Either way the
+            training set then has no labels (dev evaluation still uses the target task).
+        data_dir: folder of the files; defaults to ``data.data_dir``.
+        source: ``local`` or ``hub`` (GLUE tasks).
+        train_file: file for ``text``/``csv``/``jsonl`` (``text`` also accepts ``builtin:python-docs``).
+        text_columns: columns for ``csv``/``jsonl``.
+        max_samples: a seeded subset of this many supplementary inputs.
+    """
+
+    task: str
+    mode: Literal["mix", "replace"] = "mix"
+    data_dir: str | None = None
+    source: Literal["local", "hub"] = "local"
+    train_file: str | None = None
+    text_columns: list[str] = field(default_factory=lambda: ["text"])
+    max_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        _choices("data.supplementary.task", self.task, SUPPLEMENTARY_TASKS)
+        _choices("data.supplementary.mode", self.mode, ["mix", "replace"])
+        _choices("data.supplementary.source", self.source, ["local", "hub"])
+        _positive("data.supplementary.max_samples", self.max_samples)
+        if self.task in ("text", "csv", "jsonl") and not self.train_file:
+            raise ConfigError(f"data.supplementary.task={self.task!r} needs data.supplementary.train_file")
 
 
 @dataclass
@@ -101,19 +143,31 @@ class DataConfig:
     """Where the examples come from.
 
     Attributes:
-        task: a GLUE task (``sst2``, ``rte``, ``stsb``, ...), ``text`` (a plain-text corpus, task-agnostic), or
-            ``csv``/``jsonl`` with named columns.
+        task: a GLUE task (``sst2``, ``rte``, ``stsb``, ...), ``text`` (a plain-text corpus, task-agnostic),
+            ``csv``/``jsonl`` with named columns, or ``lm`` (causal language modelling: plain text or JSON lines,
+            tokenised into documents and packed, see ``scaledkd/data/lm.py``).
         data_dir: folder holding the GLUE task folders (``<data_dir>/SST-2/train.tsv``) or the files below;
             ``$SCALEDKD_DATA_DIR`` when unset.
         source: ``local`` reads files; ``hub`` uses ``datasets.load_dataset("glue", task)``.
         train_file, eval_file: for ``text``/``csv``/``jsonl`` (relative to ``data_dir``); ``text`` also accepts
             ``builtin:python-docs`` (the CPython documentation topics shipped with every Python).
         text_columns, label_column: column names for ``csv``/``jsonl``; ``label_column: null`` = unlabeled.
+            ``lm`` with a JSON-lines file: one column (a document per record) or two (``[prompt, response]``: the
+            loss counts only response tokens).
         num_labels: for ``csv``/``jsonl`` (1 = regression).
         max_length: tokens per example (truncation).
         max_train_samples, max_eval_samples: seeded subsets (budgets, few-sample settings).
         heldout_fraction: ``text`` without ``eval_file``: the seeded share of the corpus held out for evaluation.
         eval_split: ``dev`` (GLUE) or ``train`` (only to debug).
+        label_noise: each training label is replaced, with this probability, by a different class drawn uniformly
+            (seeded by ``train.seed``; after the ``max_train_samples`` subset). Classification tasks only.
+        supplementary: extra unlabeled training inputs (:class:`SupplementaryConfig`), mixed in or replacing the
+            target training set; for label-free (ILD) stages.
+        documents: ``lm`` plain text: how a file is cut into documents: ``blank_line`` (paragraph blocks),
+            ``line`` (one per line), ``whole`` (the file is one document) or ``sep:<text>`` (a literal separator,
+            e.g. ``sep:<|endoftext|>``).
+        packing: ``lm``: concatenate documents into rows of exactly ``max_length`` tokens (attention and loss stay
+            within each document); ``false``: one document per row, truncated to ``max_length`` and padded.
     """
 
     task: str = "text"
@@ -129,9 +183,15 @@ class DataConfig:
     max_eval_samples: int | None = None
     heldout_fraction: float = 0.05
     eval_split: Literal["dev", "train"] = "dev"
+    label_noise: float = 0.0
+    supplementary: SupplementaryConfig | None = None
+    documents: str = "blank_line"
+    packing: bool = True
 
     def __post_init__(self) -> None:
         _choices("data.task", self.task, TASK_NAMES)
+        if not (self.documents.startswith("sep:") and len(self.documents) > 4):
+            _choices("data.documents", self.documents, [*LM_DOCUMENTS, "sep:<separator>"])
         _choices("data.source", self.source, ["local", "hub"])
         _choices("data.eval_split", self.eval_split, ["dev", "train"])
         _positive("data.max_length", self.max_length)
@@ -139,10 +199,27 @@ class DataConfig:
         _positive("data.max_eval_samples", self.max_eval_samples)
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ConfigError(f"data.heldout_fraction={self.heldout_fraction!r} must be in (0, 1)")
-        if self.task in ("text", "csv", "jsonl") and not self.train_file:
+        if self.task in ("text", "csv", "jsonl", "lm") and not self.train_file:
             raise ConfigError(f"data.task={self.task!r} needs data.train_file")
         if self.task in ("csv", "jsonl") and self.label_column and not self.num_labels:
             raise ConfigError(f"data.task={self.task!r} with a label_column needs data.num_labels")
+        if isinstance(self.supplementary, dict):  # built in code rather than from YAML
+            self.supplementary = _build(SupplementaryConfig, self.supplementary, "data.supplementary")
+        if not 0.0 <= self.label_noise < 1.0:
+            raise ConfigError(f"data.label_noise={self.label_noise!r} must be in [0, 1)")
+        if self.label_noise and not self.is_classification:
+            kind = "regression" if self.task == "stsb" or self.num_labels == 1 else "unlabeled"
+            raise ConfigError(
+                f"data.label_noise={self.label_noise!r} flips class labels, but data.task={self.task!r} is {kind}; "
+                "use it with a classification task (sst2, rte, mnli, ..., or csv/jsonl with num_labels >= 2)"
+            )
+
+    @property
+    def is_classification(self) -> bool:
+        """Whether the training labels are classes (not regression scores, not unlabeled or LM text)."""
+        if self.task in ("csv", "jsonl"):
+            return bool(self.label_column) and (self.num_labels or 0) >= 2
+        return self.task in GLUE_TASK_NAMES and self.task != "stsb"
 
 
 @dataclass
@@ -186,8 +263,17 @@ class TrainConfig:
         save_every: checkpoint every N optimiser steps (0 = only at the end).
         resume: a checkpoint folder (``<run>/checkpoints/step_N``) or ``latest``.
         dist_timeout_s: process-group timeout; short in tests so a hang fails fast.
+        backend: who builds the DeepSpeed engines. ``deepspeed`` calls ``deepspeed.initialize`` directly;
+            ``accelerate`` goes through Accelerate's DeepSpeed integration with two named plugins, ``student`` and
+            ``teacher``, made from ``student.ds_config`` and ``teacher.ds_config``; ``auto`` picks ``accelerate``
+            when the process was started by ``accelerate launch`` with DeepSpeed (``ACCELERATE_USE_DEEPSPEED=true``)
+            and ``deepspeed`` otherwise. Both give the loop the same DeepSpeed engines.
         export: which student is exported: the ``final`` one or the ``best`` dev evaluation's.
         progress: show a progress bar (rank 0).
+        mixup: CR-ILD's embedding mixup (METHODS.md §4): teacher and student both see ``l*e + (1-l)*e[rev]`` of
+            their embedding outputs (same ``l ~ Beta(a, a)``, ``l = max(l, 1-l)``, reversed batch as partner,
+            union attention mask). Label-free losses only.
+        mixup_alpha: ``a`` of the Beta distribution (1.0 = uniform, the paper's choice).
     """
 
     batch_size: int = 32
@@ -206,18 +292,95 @@ class TrainConfig:
     save_every: int = 0
     resume: str | None = None
     dist_timeout_s: int = 1800
+    backend: Literal["auto", "deepspeed", "accelerate"] = "auto"
     export: Literal["final", "best"] = "final"
     progress: bool = True
+    mixup: bool = False
+    mixup_alpha: float = 1.0
 
     def __post_init__(self) -> None:
         _choices("train.precision", self.precision, ["fp32", "bf16", "fp16"])
         _choices("train.export", self.export, ["final", "best"])
-        for name in ("batch_size", "grad_accum", "max_steps", "epochs", "lr", "log_every", "dist_timeout_s"):
+        _choices("train.backend", self.backend, ["auto", "deepspeed", "accelerate"])
+        for name in ("batch_size", "grad_accum", "max_steps", "epochs", "lr", "log_every", "dist_timeout_s",
+                     "mixup_alpha"):
             _positive(f"train.{name}", getattr(self, name))
         for name in ("weight_decay", "grad_clip", "eval_every", "save_every"):
             _positive(f"train.{name}", getattr(self, name), allow_zero=True)
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
+
+
+STAGE_REF = "stage:"
+_STAGE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+@dataclass
+class StageConfig:
+    """One stage of a multi-stage recipe (``stages:``, run by :mod:`scaledkd.engine.stages`).
+
+    A stage is a whole run in ``<output_dir>/stage_<i>_<name>/`` (i from 1) whose sections are the top-level ones
+    with this stage's overrides applied. ``stage:<name>`` names an earlier stage's output: its exported model in
+    model paths (``teacher.path``, ``student.path``, ``student.from_model``), its folder in loss parameters (TED's
+    ``teacher_filters: stage:teacher_filters``).
+
+    Attributes:
+        name: the stage's name (letters, digits, ``_ -``), unique within the recipe; overrides reach one stage as
+            ``stages.<name>.train.epochs=1``.
+        trains: ``student``: the student chain. The first student stage builds the student from the ``student``
+            section; each later one loads the previous student stage's export (``init: pretrained``) unless its
+            ``student`` overrides set ``init``. ``teacher``: trains a copy of the current teacher on its own, with
+            no teacher (teacher fine-tuning; TED's teacher stage I with ``student: {freeze: true}``).
+        use_teacher: (``trains: student``) distil from the teacher; ``false`` trains on the losses alone.
+        becomes_teacher: (``trains: teacher``) later stages use this stage's export as their teacher.
+        losses: the stage's losses (default: the top-level ``losses``).
+        student, teacher, data, train: overrides of the top-level sections' keys for this stage only, e.g.
+            ``train: {epochs: 4, lr: 3.0e-5}``, ``student: {freeze: true}``, ``data: {supplementary: {...}}``.
+    """
+
+    name: str
+    trains: Literal["student", "teacher"] = "student"
+    use_teacher: bool = True
+    becomes_teacher: bool = False
+    losses: list[LossConfig] | None = None
+    student: dict[str, Any] = field(default_factory=dict)
+    teacher: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not _STAGE_NAME.fullmatch(self.name):
+            raise ConfigError(f"stages: name={self.name!r} may use only letters, digits, '_' and '-'")
+        where = f"stages[{self.name}]"
+        _choices(f"{where}.trains", self.trains, ["student", "teacher"])
+        if self.becomes_teacher and self.trains != "teacher":
+            raise ConfigError(f"{where}.becomes_teacher=true needs trains: teacher (got trains={self.trains!r})")
+        if self.trains == "teacher" and self.teacher:
+            raise ConfigError(f"{where}: a trains=teacher stage has no teacher; remove its teacher overrides")
+        if "resume" in self.train:
+            raise ConfigError(
+                f"{where}.train.resume is set by the stage runner; resume a staged run with train.resume=latest"
+            )
+        if self.losses == []:
+            raise ConfigError(f"{where}.losses is empty; name at least one loss or omit it to use the top-level losses")
+
+
+def merge_section(cls: type, base: Any, overrides: dict[str, Any], where: str) -> Any:
+    """``base`` (a section dataclass, or None) with ``overrides`` applied on top, rebuilt and validated."""
+    data = asdict(base) if base is not None else {}
+    data.update(overrides)
+    return _build(cls, _fix_floats(data), where)
+
+
+def stage_refs(node: Any) -> list[str]:
+    """Every ``stage:<name>`` string inside ``node`` (nested dicts/lists), as stage names."""
+    if isinstance(node, str):
+        return [node[len(STAGE_REF):]] if node.startswith(STAGE_REF) else []
+    if isinstance(node, dict):
+        return [r for v in node.values() for r in stage_refs(v)]
+    if isinstance(node, (list, tuple)):
+        return [r for v in node for r in stage_refs(v)]
+    return []
 
 
 @dataclass
@@ -228,22 +391,51 @@ class Config:
         output_dir: the run folder (config, logs, checkpoints, metrics.json, the exported ``student/``).
         overwrite: replace a finished run in ``output_dir`` (the old one is moved aside, never half-overwritten).
         plugins: modules imported before the losses are built, so they can ``@register_loss`` their own.
+        stages: a multi-stage recipe (:class:`StageConfig`); each stage runs in its own folder under ``output_dir``
+            and ``output_dir/metrics.json`` (a summary) is written once every stage finished.
     """
 
     output_dir: str
     student: StudentConfig
     data: DataConfig
-    losses: list[LossConfig]
+    losses: list[LossConfig] = field(default_factory=list)
     teacher: TeacherConfig | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     overwrite: bool = False
     plugins: list[str] = field(default_factory=list)
+    stages: list[StageConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if not self.losses:
+        if not self.losses and not self.stages:
             raise ConfigError("losses is empty; name at least one loss (e.g. [{name: task}])")
         if self.student.init != "pretrained" and not (self.student.from_model or self.teacher):
             raise ConfigError(f"student.init={self.student.init!r} needs student.from_model or a teacher")
+        self._check_stages()
+
+    def _check_stages(self) -> None:
+        seen: list[str] = []
+        for stage in self.stages:
+            where = f"stages[{stage.name}]"
+            if stage.name in seen:
+                raise ConfigError(f"stages: name {stage.name!r} is used twice; stage names must be unique")
+            if not (stage.losses or self.losses):
+                raise ConfigError(f"{where} has no losses and the recipe has no top-level losses")
+            for name, cls, base in (("student", StudentConfig, self.student), ("data", DataConfig, self.data),
+                                    ("train", TrainConfig, self.train)):
+                merge_section(cls, base, getattr(stage, name), f"{where}.{name}")
+            if stage.teacher:
+                merge_section(TeacherConfig, self.teacher, stage.teacher, f"{where}.teacher")
+            if stage.trains == "student" and stage.use_teacher and not (self.teacher or stage.teacher):
+                raise ConfigError(f"{where} distils from a teacher (use_teacher: true) but the recipe has none")
+            if stage.trains == "teacher" and not self.teacher:
+                raise ConfigError(f"{where}: trains=teacher needs a top-level teacher to start from")
+            refs = stage_refs([asdict(lc) for lc in stage.losses or []] + [stage.student, stage.teacher])
+            for ref in refs:
+                if ref not in seen:
+                    raise ConfigError(
+                        f"{where} refers to {STAGE_REF}{ref}, which is not an earlier stage; earlier stages: {seen}"
+                    )
+            seen.append(stage.name)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -320,7 +512,10 @@ def _build(cls: type, data: dict[str, Any], where: str = "") -> Any:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides; values are parsed as YAML scalars/lists (``[1, 2]``, ``null``, ``3e-5``)."""
+    """Apply ``a.b.c=value`` overrides; values are parsed as YAML scalars/lists (``[1, 2]``, ``null``, ``3e-5``).
+
+    ``stages.<name>.<section>.<key>=value`` reaches one stage of a multi-stage recipe.
+    """
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
@@ -333,14 +528,27 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         for part in parts[:-1]:
             if part == "losses":
                 raise ConfigError(f"override {item!r}: losses are a list; edit them in the recipe")
+            if isinstance(node, list):  # inside ``stages``: one stage, by name
+                node = _stage_by_name(node, part, item)
+                continue
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
-            if not isinstance(child, dict):
+            if not isinstance(child, dict) and not (part == "stages" and isinstance(child, list)):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
             node = child
+        if isinstance(node, list):
+            raise ConfigError(f"override {item!r}: name a key inside a stage, e.g. stages.<name>.train.epochs=1")
         node[parts[-1]] = value
     return data
+
+
+def _stage_by_name(stages: list[Any], name: str, item: str) -> dict[str, Any]:
+    names = [s.get("name") for s in stages if isinstance(s, dict)]
+    for stage in stages:
+        if isinstance(stage, dict) and stage.get("name") == name:
+            return stage
+    raise ConfigError(f"override {item!r}: no stage named {name!r}; stages: {names}")
 
 
 def _looks_numeric(text: str) -> bool:

@@ -1,16 +1,20 @@
-"""Dev evaluation: GLUE metrics for task students, teacher agreement for task-agnostic ones.
+"""Dev evaluation: GLUE metrics for task students, perplexity for causal LMs, teacher agreement for task-agnostic
+ones.
 
 Every rank runs the whole dev set (under ZeRO-3 each forward is a collective), rank 0's numbers are reported.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .engine.module import model_inputs
+from .losses.divergence import IGNORE_INDEX, chunked_cross_entropy
 from .metrics import compute_metrics
 
 
@@ -86,3 +90,49 @@ def sts_spearman(encode: Callable[[list[str]], torch.Tensor], pairs: list[tuple[
     b = encode([p[1] for p in pairs])
     sims = F.cosine_similarity(a, b, dim=-1).tolist()
     return compute_metrics("stsb", sims, gold)["spearmanr"]
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, float]:
+    """Held-out perplexity of a causal LM: ``exp`` of the mean next-token NLL over every scored token.
+
+    Batches are causal-LM batches (``scaledkd/data/lm.py``): ``labels`` ``[B, L]`` already aligned with the
+    logits, -100 where nothing is scored. The NLL is computed in float32 chunks.
+
+    Returns:
+        ``{"perplexity", "nll" (nats per token), "tokens" (scored), "score" (= -nll, higher is better)}``.
+    """
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        logits = model(**model_inputs(batch)).logits
+        labels = batch["labels"]
+        n = int((labels != IGNORE_INDEX).sum())
+        if n:
+            total += chunked_cross_entropy(logits, labels).item() * n
+            count += n
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("perplexity: the held-out batches have no scored token")
+    nll = total / count
+    return {"perplexity": math.exp(nll), "nll": nll, "tokens": count, "score": -nll}
+
+
+@torch.no_grad()
+def generate_sample(model_dir: str | Path, prompt: str, max_new_tokens: int = 40) -> dict[str, str]:
+    """Greedy continuation of ``prompt`` by the causal LM saved in ``model_dir`` (reloaded from disk, so it
+    shows what the exported folder does). The prompt gets the BOS that ``data.task: lm`` puts before documents."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data.lm import special_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    bos, eos = special_ids(tokenizer)
+    ids = ([] if bos is None else [bos]) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    input_ids = torch.tensor([ids])
+    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                         max_new_tokens=max_new_tokens, pad_token_id=eos, eos_token_id=eos)
+    completion = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    return {"prompt": prompt, "completion": completion, "model": str(model_dir)}

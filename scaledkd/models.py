@@ -229,23 +229,60 @@ def build_student(cfg: StudentConfig, default_source: str | None, task: TaskKind
 # ------------------------------------------------------------------------------------------ tokenizers
 
 
-def check_same_vocabulary(teacher_tok, student_tok, teacher_name: str, student_name: str) -> None:
+# Encoded by both tokenizers after the vocabulary comparison: equal vocabularies can still split text differently
+# (normalisation, pre-tokenisation, added tokens).
+SAMPLE_TEXT = "Once upon a time, the quick brown fox (aged 12) jumped over 3 lazy dogs - naive cafe, isn't it?"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model")
+
+
+def load_own_tokenizer(path: str):
+    """The tokenizer shipped with model ``path``, or None when the local folder holds none (a config-only
+    folder); hub ids and packages are loaded (and fail as ``load_tokenizer`` does)."""
+    folder = Path(resolve_model_path(path)).expanduser()
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    return load_tokenizer(path)
+
+
+def check_student_tokenizer(teacher_tok, teacher_name: str, student_source: str) -> None:
+    """Before training: when the student's source ships its own tokenizer, it must equal the teacher's
+    (:func:`check_same_vocabulary`); the run tokenises with the teacher's."""
+    if student_source == teacher_name:
+        return
+    student_tok = load_own_tokenizer(student_source)
+    if student_tok is None:
+        log.info("student source %s ships no tokenizer; the teacher's (%s) is used", student_source, teacher_name)
+        return
+    check_same_vocabulary(teacher_tok, student_tok, teacher_name, student_source)
+
+
+def check_same_vocabulary(teacher_tok, student_tok, teacher_name: str, student_name: str,
+                          sample: str = SAMPLE_TEXT) -> None:
     """Fail early unless both tokenizers map the same tokens to the same ids (every token: a dict comparison of
-    even a 150k vocabulary takes milliseconds, and a sample would miss a swapped pair)."""
+    even a 150k vocabulary takes milliseconds, and a sample would miss a swapped pair) and encode ``sample`` to
+    the same ids."""
     t_vocab, s_vocab = teacher_tok.get_vocab(), student_tok.get_vocab()
     if len(t_vocab) != len(s_vocab):
         raise ValueError(
             f"teacher tokenizer {teacher_name!r} has {len(t_vocab)} tokens but student tokenizer "
             f"{student_name!r} has {len(s_vocab)}; distillation needs one shared vocabulary"
         )
-    if t_vocab == s_vocab:
-        return
-    for token, idx in sorted(t_vocab.items(), key=lambda kv: kv[1]):
-        if s_vocab.get(token) != idx:
-            raise ValueError(
-                f"teacher tokenizer {teacher_name!r} and student tokenizer {student_name!r} differ: token "
-                f"{token!r} is id {idx} in the teacher and {s_vocab.get(token)} in the student"
-            )
+    if t_vocab != s_vocab:
+        for token, idx in sorted(t_vocab.items(), key=lambda kv: kv[1]):
+            if s_vocab.get(token) != idx:
+                raise ValueError(
+                    f"teacher tokenizer {teacher_name!r} and student tokenizer {student_name!r} differ: token "
+                    f"{token!r} is id {idx} in the teacher and {s_vocab.get(token)} in the student"
+                )
+    t_ids, s_ids = teacher_tok(sample)["input_ids"], student_tok(sample)["input_ids"]
+    if t_ids != s_ids:
+        at = next((i for i, (a, b) in enumerate(zip(t_ids, s_ids)) if a != b), min(len(t_ids), len(s_ids)))
+        raise ValueError(
+            f"teacher tokenizer {teacher_name!r} and student tokenizer {student_name!r} share a vocabulary but "
+            f"encode {sample!r} differently: first difference at position {at}: teacher ids {t_ids[at:at + 4]} "
+            f"vs student ids {s_ids[at:at + 4]}"
+        )
 
 
 def check_vocab_sizes(teacher_config: PretrainedConfig, student_config: PretrainedConfig) -> None:

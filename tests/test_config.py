@@ -50,12 +50,12 @@ def test_default_recipe_is_shipped():
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO_DIR)))
 def test_shipped_recipe_validates(recipe):
     cfg = load_config(recipe)
-    assert isinstance(cfg, Config) and cfg.losses
+    assert isinstance(cfg, Config) and (cfg.losses or cfg.stages)
     # Files it names exist (relative to the cwd, the recipe or the repository) ...
     for ds in [cfg.student.ds_config] + ([cfg.teacher.ds_config] if cfg.teacher else []):
         assert resolve_resource(ds, str(recipe)).is_file()
     # ... and every loss is registered and given only parameters it accepts.
-    for lc in cfg.losses:
+    for lc in [*cfg.losses, *(lc for stage in cfg.stages for lc in stage.losses or [])]:
         cls = LOSSES.get(lc.name)
         accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "setup"}
         assert set(lc.params) <= accepted, (lc.name, lc.params, accepted)

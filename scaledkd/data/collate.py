@@ -26,13 +26,19 @@ def tokenize_dataset(ds: datasets.Dataset, tokenizer: Any, max_length: int) -> d
     labeled = "label" in ds.column_names
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        enc = tokenizer(
-            batch["text_a"],
-            batch["text_b"] if pair else None,
-            truncation=True,
-            max_length=max_length,
-            padding=False,
-        )
+        if pair and any(b is None for b in batch["text_b"]):
+            # Single texts mixed into a pair task (supplementary ILD data): each row on its own.
+            rows = [tokenizer(a, b, truncation=True, max_length=max_length, padding=False)
+                    for a, b in zip(batch["text_a"], batch["text_b"], strict=True)]
+            enc = {k: [r[k] for r in rows] for k in rows[0]}
+        else:
+            enc = tokenizer(
+                batch["text_a"],
+                batch["text_b"] if pair else None,
+                truncation=True,
+                max_length=max_length,
+                padding=False,
+            )
         out = {k: enc[k] for k in TOKEN_KEYS if k in enc}
         if labeled:
             out["labels"] = batch["label"]

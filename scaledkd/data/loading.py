@@ -1,6 +1,7 @@
 """``load_examples``: one entry point from a :class:`DataConfig` to a ``datasets.Dataset`` of raw examples."""
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +21,7 @@ from scaledkd.data.base import (
     seeded_subset,
 )
 from scaledkd.data.glue import GLUE_TASKS, load_glue_hub, read_glue_tsv
+from scaledkd.data.lm import load_documents
 from scaledkd.data.tabular import table_rows
 from scaledkd.data.text import BUILTIN_PREFIX, read_corpus
 
@@ -79,6 +81,8 @@ def load_examples(cfg: DataConfig, split: Split, seed: int) -> datasets.Dataset:
     """
     if split not in ("train", "dev"):
         raise DataError(f"split={split!r} is not valid; choose one of ['train', 'dev']")
+    if cfg.task == "lm":
+        return load_documents(cfg, split, seed)  # documents (``prompt``, ``text``), not labelled examples
     spec = task_spec(cfg)
     source_split: Split = "train" if cfg.eval_split == "train" else split
     rows, label_names = _rows(cfg, spec, source_split)
@@ -87,7 +91,45 @@ def load_examples(cfg: DataConfig, split: Split, seed: int) -> datasets.Dataset:
         rows = [rows[i] for i in seeded_subset(len(rows), limit, seed)]
     if not rows:
         raise DataError(f"empty dataset: data.task={cfg.task!r} split {split!r} has no examples")
-    return _to_dataset(rows, spec, label_names)
+    ds = _to_dataset(rows, spec, label_names)
+    if split == "train" and cfg.label_noise:
+        ds = apply_label_noise(ds, cfg.label_noise, derived_seed(seed, "label_noise"))
+    if split == "train" and cfg.supplementary is not None:
+        ds = with_supplementary(ds, cfg, seed)
+    return ds
+
+
+def derived_seed(seed: int, purpose: str) -> int:
+    """An independent seed for one purpose, so that (say) the subset and the label noise of one run do not
+    share a random stream."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{purpose}".encode()).digest()[:4], "big")
+
+
+def with_supplementary(target: datasets.Dataset, cfg: DataConfig, seed: int) -> datasets.Dataset:
+    """The training inputs of a label-free stage: ``target`` mixed with (or replaced by) the supplementary inputs
+    of ``cfg.supplementary`` (CR-ILD, METHODS.md §4). Labels are dropped; single-text rows of a pair task get
+    ``text_b = None``.
+
+    Raises:
+        DataError: the supplementary source is missing or empty (the message names its setting).
+    """
+    sup = cfg.supplementary
+    assert sup is not None
+    # eval_file = train_file: every input of the file is supplementary data (no held-out share).
+    source = DataConfig(task=sup.task, data_dir=sup.data_dir or cfg.data_dir, source=sup.source,
+                        train_file=sup.train_file, eval_file=sup.train_file, text_columns=list(sup.text_columns),
+                        max_train_samples=sup.max_samples)
+    extra = load_examples(source, "train", derived_seed(seed, "supplementary"))
+    parts = [extra] if sup.mode == "replace" else [target, extra]
+    parts = [p.remove_columns([c for c in p.column_names if c not in ("text_a", "text_b")]) for p in parts]
+    if any("text_b" in p.column_names for p in parts):
+        parts = [p if "text_b" in p.column_names else
+                 p.add_column("text_b", [None] * len(p), feature=datasets.Value("string")) for p in parts]
+    mixed = datasets.concatenate_datasets(parts)
+    logger.info("supplementary ILD data (%s): %d %s inputs %s %d target inputs -> %d unlabeled training inputs",
+                sup.mode, len(extra), sup.task, "replace" if sup.mode == "replace" else "added to",
+                len(target), len(mixed))
+    return mixed
 
 
 def _rows(cfg: DataConfig, spec: TaskSpec, split: Split) -> tuple[list[dict[str, Any]], list[str] | None]:

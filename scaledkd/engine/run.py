@@ -5,6 +5,7 @@ environment, and every collective (ZeRO-3 forwards, checkpoint shards, consolida
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -24,7 +25,8 @@ from .. import __version__, arch, checkpoint, data, evaluation, models
 from ..config import Config, ConfigError, LossConfig
 from ..export import gather_student_state, save_student
 from ..losses import LossSetup, build_loss
-from . import dist, ds
+from ..mixup import EmbeddingMixup
+from . import accel, dist, ds
 from .module import DistillModule, TeacherRunner, model_inputs
 
 log = logging.getLogger("scaledkd")
@@ -68,6 +70,8 @@ def prepare_run_dir(cfg: Config) -> Path:
 
 
 def task_kind(spec: data.TaskSpec) -> models.TaskKind:
+    if spec.name == "lm":
+        return "causal_lm"
     if spec.num_labels == 0:
         return "agnostic"
     return "regression" if spec.is_regression else "classification"
@@ -196,7 +200,22 @@ def build_losses(cfg: Config, student_config, teacher_config, task: str) -> tupl
                           task=task, name=lc.name, causal=arch.is_causal(student_config))
         losses[key] = build_loss(lc.name, setup, lc.params)
         weights[key] = lc.weight
+        _check_inputs(cfg, key, losses[key])
     return losses, weights
+
+
+def _check_inputs(cfg: Config, name: str, loss) -> None:
+    """Consistency terms need mixed inputs; mixed inputs and supplementary data have no (meaningful) labels."""
+    if "clean" in loss.needs and not cfg.train.mixup:
+        raise ConfigError(f"loss {name!r} compares mixed and clean inputs; set train.mixup: true")
+    if "labels" not in loss.needs:
+        return
+    if cfg.train.mixup:
+        raise ConfigError(f"loss {name!r} reads labels, but train.mixup=true mixes inputs (their labels are not "
+                          "mixed); use label-free losses in a mixup stage (attn_kl, hidden_mse, logit_kd, ...)")
+    if cfg.data.supplementary is not None:
+        raise ConfigError(f"loss {name!r} reads labels, but data.supplementary makes the training inputs unlabeled; "
+                          "use label-free (ILD) losses in that stage")
 
 
 def validate(cfg: Config) -> dict[str, Any]:
@@ -213,6 +232,7 @@ def validate(cfg: Config) -> dict[str, Any]:
     t_config = models.load_config(cfg.teacher.path, task, spec.num_labels) if cfg.teacher else None
     if t_config is not None:
         models.check_vocab_sizes(t_config, s_config)
+        models.check_student_tokenizer(models.load_tokenizer(cfg.teacher.path), cfg.teacher.path, student_source)
     losses, _ = build_losses(cfg, s_config, t_config, task)
     for name, loss in losses.items():
         if "teacher" in loss.needs and cfg.teacher is None:
@@ -239,49 +259,79 @@ def setup(cfg: Config) -> Run:
     # Data (every rank reads; it is small next to the models).
     student_source = cfg.student.path if cfg.student.init == "pretrained" else (cfg.student.from_model or cfg.teacher.path)
     tokenizer = models.load_tokenizer(cfg.teacher.path if cfg.teacher else student_source)
-    if cfg.teacher and cfg.student.init == "pretrained":
-        models.check_same_vocabulary(models.load_tokenizer(cfg.teacher.path), models.load_tokenizer(student_source),
-                                     cfg.teacher.path, student_source)
-    train_set = data.tokenize_dataset(data.load_examples(cfg.data, "train", cfg.train.seed), tokenizer, cfg.data.max_length)
-    dev_set = data.tokenize_dataset(data.load_examples(cfg.data, "dev", cfg.train.seed), tokenizer, cfg.data.max_length)
-    collate = data.make_collator(tokenizer)
+    if cfg.teacher:
+        models.check_student_tokenizer(tokenizer, cfg.teacher.path, student_source)
+    if task == "causal_lm":
+        train_set, dev_set = data.lm_datasets(cfg.data, tokenizer, cfg.train.seed)
+        collate = data.make_lm_collator(tokenizer)
+    else:
+        train_set = data.tokenize_dataset(data.load_examples(cfg.data, "train", cfg.train.seed), tokenizer,
+                                          cfg.data.max_length)
+        dev_set = data.tokenize_dataset(data.load_examples(cfg.data, "dev", cfg.train.seed), tokenizer,
+                                        cfg.data.max_length)
+        collate = data.make_collator(tokenizer)
+
+    # Engines: DeepSpeed directly or through Accelerate's plugins (train.backend), one config per model.
+    t_ds = ds.teacher_ds_config(ds.read_ds_config(cfg.teacher.ds_config, recipe), cfg.train) if cfg.teacher else None
+    s_ds = ds.student_ds_config(ds.read_ds_config(cfg.student.ds_config, recipe), cfg.train)
+    engines = accel.engine_factory(cfg.train, student=s_ds, teacher=t_ds)
 
     # Teacher: its own DeepSpeed config; partitioned at load time under ZeRO-3.
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
-    teacher_model, teacher_engine, t_ds = None, None, None
+    teacher_model, teacher_engine = None, None
     if cfg.teacher:
-        t_ds = ds.teacher_ds_config(ds.read_ds_config(cfg.teacher.ds_config, recipe), cfg.train)
-        with ds.load_context(t_ds):
+        with engines.load_context("teacher"):
             teacher_model = models.freeze(models.load_pretrained(cfg.teacher.path, task, spec.num_labels, dtype))
         if ds.zero_stage(t_ds) == 3:
-            teacher_engine = ds.initialize(teacher_model, t_ds)
+            teacher_engine = engines.initialize("teacher", teacher_model)
             teacher_engine.eval()
         else:
             teacher_engine = teacher_model.to(dist.device())
 
     # Student: built rank-locally (copying teacher blocks needs full weights), partitioned by its engine.
-    s_ds = ds.student_ds_config(ds.read_ds_config(cfg.student.ds_config, recipe), cfg.train)
     torch.manual_seed(cfg.train.seed)  # the same fresh heads/projections on every rank
-    with ds.load_context(s_ds if cfg.student.init == "pretrained" else None):
+    with engines.load_context("student" if cfg.student.init == "pretrained" else None):
         student = models.build_student(cfg.student, cfg.teacher.path if cfg.teacher else None, task, spec.num_labels)
     if teacher_model is not None:
         models.check_vocab_sizes(teacher_model.config, student.config)
+    if task == "causal_lm":
+        for who, m in (("teacher", teacher_model), ("student", student)):
+            limit = getattr(getattr(m, "config", None), "max_position_embeddings", None)
+            if limit and cfg.data.max_length > limit:
+                raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds the {who}'s "
+                                  f"max_position_embeddings={limit}; lower data.max_length")
     if cfg.student.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.train()
     losses, weights = build_losses(cfg, student.config, teacher_model.config if teacher_model else None, task)
-    module = DistillModule(student, losses, weights)
-    teacher = TeacherRunner(teacher_engine, module.teacher_taps()) if teacher_engine is not None else None
+    if task == "causal_lm" and cfg.data.packing and any("qkv" in loss.needs for loss in losses.values()):
+        log.warning("packed rows: attention/relation losses compare scores over each row's whole causal prefix, "
+                    "across document boundaries the models do not attend over; data.packing=false makes them exact")
+    if cfg.student.freeze:
+        student.requires_grad_(False)  # only the losses' own modules (TED filters, heads) train
+    for loss in losses.values():
+        if hasattr(loss, "load_artifacts"):
+            loss.load_artifacts()  # e.g. TED's stage-I filters, loaded before the engine partitions them
+    mixup = EmbeddingMixup(cfg.train.mixup_alpha, cfg.train.seed) if cfg.train.mixup else None
+    module = DistillModule(student, losses, weights, mixup=mixup)
+    if module.ema is not None and ds.zero_stage(s_ds) == 3:
+        raise ConfigError("an EMA student (ema_decay) is not supported with a ZeRO-3 student; drop ema_decay to use "
+                          "the clean student forward, or use ZeRO 0/1/2")
+    if not any(p.requires_grad for p in module.parameters()):
+        raise ConfigError("nothing to train: student.freeze=true and no loss has trainable modules")
+    teacher = (TeacherRunner(teacher_engine, module.teacher_taps(), mixup=mixup)
+               if teacher_engine is not None else None)
 
     batches = ShardedBatches(train_set, cfg.train.batch_size, cfg.train.seed, collate)
     total_steps = cfg.train.max_steps or max(1, int(cfg.train.epochs * batches.per_epoch / cfg.train.grad_accum))
     optimizer = torch.optim.AdamW(_weight_decay_groups(module, cfg), lr=cfg.train.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(total_steps, cfg.train.warmup_ratio))
-    engine = ds.initialize(module, s_ds, optimizer=optimizer, lr_scheduler=scheduler)
+    engine = engines.initialize("student", module, optimizer=optimizer, lr_scheduler=scheduler)
     run = Run(cfg=cfg, run_dir=run_dir, spec=spec, task=task, tokenizer=tokenizer, train_set=train_set,
               dev_set=dev_set, collate=collate, engine=engine, teacher=teacher, teacher_model=teacher_engine,
               student_source=student_source)
     run.batches = batches  # type: ignore[attr-defined]
+    run.mixup = mixup  # type: ignore[attr-defined]
     run.total_steps = total_steps  # type: ignore[attr-defined]
     run.ds_configs = {"student": s_ds, "teacher": t_ds}  # type: ignore[attr-defined]
     if dist.is_main():
@@ -309,10 +359,13 @@ def _seed_everything(seed: int) -> None:
 
 
 def evaluate(run: Run, model=None) -> dict[str, float]:
-    """Dev scores of the student (or ``model``): GLUE metrics, or agreement with the teacher when task-agnostic."""
+    """Dev scores of the student (or ``model``): GLUE metrics, held-out perplexity for causal LMs, or agreement
+    with the teacher when task-agnostic."""
     module = run.engine.module
     model = model if model is not None else module.student
     batches = eval_batches(run.dev_set, run.cfg.train.batch_size, run.collate)
+    if run.task == "causal_lm":
+        return evaluation.perplexity(model, batches)
     if run.task == "agnostic":
         if run.teacher_model is None:
             return {}
@@ -363,9 +416,13 @@ def train(run: Run) -> dict[str, Any]:
     samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * dist.world_size()
     best_state = None
     step = state["step"]
+    num_epochs = math.ceil(total_steps * cfg.train.grad_accum / batches.per_epoch)  # ramps: epoch / num_epochs
+    mixup = getattr(run, "mixup", None)
     while step < total_steps:
         epoch, skip = divmod(state["micro"], batches.per_epoch)
         for batch in batches(epoch, skip):
+            if mixup is not None:
+                batch = mixup.prepare(batch, state["micro"], step, epoch / num_epochs)
             terms = distill_step(engine, run.teacher, batch)
             state["micro"] += 1
             for k, v in terms.items():
@@ -469,6 +526,7 @@ def finish(run: Run, result: dict[str, Any]) -> dict[str, Any]:
         "speed": timing,
         "extra": extra,
     }
+    metrics["artifacts"] = [str(path) for path in save_loss_artifacts(run)]
     if dist.is_main():
         provenance = {
             "teacher": cfg.teacher.path if cfg.teacher else None,
@@ -477,7 +535,10 @@ def finish(run: Run, result: dict[str, Any]) -> dict[str, Any]:
             "losses": [{"name": lc.name, "weight": lc.weight, "mapping": _mapping_of(run, i, lc), "params": lc.params}
                        for i, lc in enumerate(cfg.losses)],
             "data": {"task": cfg.data.task, "source": cfg.data.source, "data_dir": cfg.data.data_dir,
-                     "train_file": cfg.data.train_file, "max_train_samples": cfg.data.max_train_samples},
+                     "train_file": cfg.data.train_file, "max_train_samples": cfg.data.max_train_samples,
+                     "label_noise": cfg.data.label_noise, "train_examples": len(run.train_set),
+                     "supplementary": dataclasses.asdict(cfg.data.supplementary) if cfg.data.supplementary else None},
+            "mixup": {"alpha": cfg.train.mixup_alpha} if cfg.train.mixup else None,
             "seed": cfg.train.seed, "steps": result["steps"], "exported": result["exported"],
             "final": result["final"], "best": result["state"]["best"],
         }
@@ -487,12 +548,38 @@ def finish(run: Run, result: dict[str, Any]) -> dict[str, Any]:
         save_student(student, result["student_state"], run.run_dir / "student", run.tokenizer, provenance,
                      yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         metrics["export_dir"] = str(run.run_dir / "student")
+        if run.task == "causal_lm":
+            prompt = data.lm.sample_prompt(run.dev_set, run.tokenizer)
+            metrics["sample"] = evaluation.generate_sample(run.run_dir / "student", prompt)
+            print(f"sample from the exported student: {prompt!r} -> {metrics['sample']['completion']!r}", flush=True)
         metrics["scaledkd_version"] = __version__
         checkpoint.write_json(run.run_dir / FINISHED_MARKER, metrics)
         for aside in run.run_dir.parent.glob(f"{run.run_dir.name}.replaced-*"):
             shutil.rmtree(aside, ignore_errors=True)  # the run it replaced, kept until this one finished
     dist.barrier()
     return metrics
+
+
+def save_loss_artifacts(run: Run) -> list[Path]:
+    """Files the losses leave in the run folder (TED's stage-I filters), written before the finished marker.
+
+    A collective under ZeRO-3 (each loss's parameters are gathered on every rank); rank 0 writes.
+    """
+    import deepspeed
+    from safetensors.torch import save_file
+
+    written = []
+    for loss in run.engine.module.losses.values():
+        if not hasattr(loss, "artifacts"):
+            continue
+        params = [p for p in loss.parameters() if hasattr(p, "ds_id")]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
+            files = loss.artifacts() if dist.is_main() else {}
+        for name, (tensors, metadata) in files.items():
+            save_file(tensors, str(run.run_dir / name), metadata=metadata)
+            written.append(run.run_dir / name)
+    dist.barrier()
+    return written
 
 
 def _sts_dev_file(cfg: Config) -> Path | None:
