@@ -60,13 +60,19 @@ def prepare_run_dir(cfg: Config) -> Path:
                     f"output_dir {str(run_dir)!r} is not empty; resume an interrupted run with train.resume=latest, "
                     "pass overwrite=true (the old contents are moved aside), or choose another output_dir"
                 )
-            aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-            run_dir.rename(aside)
-            log.warning("overwrite=true: moved the previous run in %s to %s; it is deleted once this run "
-                        "finishes", run_dir, aside)
+            move_aside(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     return run_dir
+
+
+def move_aside(run_dir: Path) -> Path:
+    """``overwrite=true``: rename the previous run; :func:`finish` deletes it once the new run has finished."""
+    aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.rename(aside)
+    log.warning("overwrite=true: moved the previous run in %s to %s; it is deleted once this run finishes",
+                run_dir, aside)
+    return aside
 
 
 def task_kind(spec: data.TaskSpec) -> models.TaskKind:

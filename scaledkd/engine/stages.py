@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ from ..config import (
     merge_section,
 )
 from . import dist
-from .run import FINISHED_MARKER, RunDirError, run_distillation, validate
+from .run import FINISHED_MARKER, RunDirError, move_aside, run_distillation, validate
 
 log = logging.getLogger("scaledkd")
 
@@ -158,10 +157,7 @@ def _prepare_root(cfg: Config) -> Path:
                 "overwrite=true to replace it (the old run is moved aside first) or choose another output_dir"
             )
         if cfg.overwrite and root.exists() and any(root.iterdir()):
-            aside = root.with_name(f"{root.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-            root.rename(aside)
-            log.warning("overwrite=true: moved the previous run in %s to %s; it is deleted once this run finishes",
-                        root, aside)
+            move_aside(root)
         root.mkdir(parents=True, exist_ok=True)
         (root / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     dist.barrier()
