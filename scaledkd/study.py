@@ -63,6 +63,9 @@ from typing import Any, Literal
 
 import yaml
 
+RENDEZVOUS_VARS = frozenset({"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK",
+                              "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"})
+
 FINISHED_MARKER = "metrics.json"  # engine.run.FINISHED_MARKER, not imported: that module pulls in torch
 
 
@@ -631,7 +634,10 @@ def run_cell(cell: Cell, log: Path) -> dict[str, Any]:
         log.write_text(f"recipe {cell.recipe} does not exist\n")
         return {"status": "failed", "rc": None, "wall_s": 0.0, "cpu_s": 0.0,
                 "error": f"recipe {cell.recipe!r} does not exist"}
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Each cell is its own single-process job: it must not inherit a rendezvous (RANK, MASTER_PORT, ...) that
+    # belongs to this process or its launcher, or it would try to join that group / bind a port in use.
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
+    env["PYTHONUNBUFFERED"] = "1"
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     with log.open("w") as f:
         f.write(f"$ {cell.command_line()}\n")

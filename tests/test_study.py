@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import socket
 import time
 from pathlib import Path
 
@@ -262,7 +263,14 @@ def test_finished_marker_matches_the_engine():
 
 
 @pytest.mark.slow
-def test_tiny_grid_runs_resumes_and_records_a_failing_cell(tmp_path):
+def test_tiny_grid_runs_resumes_and_records_a_failing_cell(tmp_path, monkeypatch):
+    # The study's own process holds a rendezvous (as after an in-process run): cells must not inherit it.
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    monkeypatch.setenv("MASTER_PORT", str(held.getsockname()[1]))
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        monkeypatch.setenv(key, value)
     teacher = make_tiny_bert(tmp_path / "teacher")
     data_dir = make_sst2(tmp_path / "glue")
     recipe = write_recipe(tmp_path / "kd.yaml", **tiny_recipe(
