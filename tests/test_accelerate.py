@@ -15,8 +15,10 @@ import torch
 
 from scaledkd.config import ConfigError, TrainConfig
 from scaledkd.engine import accel
-from tests.test_multiproc import TIMEOUT, _env, assert_same_losses, launch, make_recipe, step_losses
-from tests.tiny import REPO, make_sst2, make_tiny_bert
+from tests.test_multiproc import (  # noqa: F401 - assets and reference are the shared fixtures
+    TIMEOUT, _env, assert_same_losses, assets, launch, make_recipe, reference, step_losses,
+)
+from tests.tiny import REPO
 
 CPU_YAML = REPO / "launch" / "accelerate" / "cpu_test.yaml"
 
@@ -60,20 +62,6 @@ def test_launcher_settings_that_agree_with_the_recipe_pass():
 
 
 # ------------------------------------------------------------------------------------------- real runs
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("acc")
-    return make_tiny_bert(root / "teacher"), make_sst2(root / "glue")
-
-
-@pytest.fixture(scope="module")
-def reference(assets, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ref")
-    launch(make_recipe(tmp, assets, "single", "ds_configs/zero0.json", "ds_configs/teacher_replicated.json", 8),
-           nproc=1)
-    return step_losses(tmp / "single")
 
 
 def accelerate_launch(*args: str) -> str:
