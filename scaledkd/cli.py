@@ -8,7 +8,8 @@
     scaledkd export RUN_DIR OUT_DIR                 consolidate a run's checkpoint into a Hugging Face folder
     scaledkd losses                                 list the registered losses
     scaledkd plan RECIPE --gpus N --gpu-mem G       per-GPU memory of every teacher/student ZeRO layout
-    scaledkd study SPEC [--dry-run] [--only PATTERN] run a grid of recipes (methods x inits x tasks x seeds)
+    scaledkd study SPEC [--dry-run] [--only PATTERN] [--jobs N]
+                                                    run a grid of recipes (methods x inits x tasks x seeds)
 """
 from __future__ import annotations
 
@@ -22,6 +23,16 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 log = logging.getLogger("scaledkd")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
 
 
 def _setup_logging() -> None:
@@ -151,7 +162,7 @@ def cmd_losses(args: argparse.Namespace) -> int:
 def cmd_study(args: argparse.Namespace) -> int:
     from .study import run_study
 
-    return run_study(args.spec, dry_run=args.dry_run, only=args.only)
+    return run_study(args.spec, dry_run=args.dry_run, only=args.only, jobs=args.jobs)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -229,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default=None, metavar="PATTERN",
                    help="comma-separated globs over cell ids (task/method[/init]/sSEED), e.g. 'rte/*' or "
                         "'*/kd/*'; the cells they wait for are included")
+    p.add_argument("--jobs", "-j", type=_positive_int, default=1, metavar="N",
+                   help="cells to run at once (default 1); each gets cores/N threads. Useful on a GPU, where one "
+                        "small cell leaves the device mostly idle; keep 1 on a small CPU machine")
     p.set_defaults(func=cmd_study)
     return parser
 

@@ -32,9 +32,9 @@ A spec (see benchmarks/quality/study.yaml)::
                 role: teacher, seeds: [42], inits: [], task_overrides: false}
       kd: {recipe: recipes/distill_sst2_kd.yaml, inits: [lower, upper], after: [teacher]}
 
-Overrides are merged defaults < task < method < init (later wins), then ``output_dir`` and ``train.seed``; values
-may be lists and mappings (``losses: [{name: task}]`` replaces the recipe's losses). String values (and ``recipe``,
-``output_dir``) may use ``{task}``, ``{method}``, ``{init}``, ``{seed}``, ``{runs_root}``. A method runs the inits
+Overrides are merged defaults < task < method < the method's ``per_task: {task: {...}}`` < init (later wins), then
+``output_dir`` and ``train.seed``; values may be lists and mappings (``losses: [{name: task}]`` replaces the
+recipe's losses). String values (and ``recipe``, ``output_dir``) may use ``{task}``, ``{method}``, ``{init}``, ``{seed}``, ``{runs_root}``. A method runs the inits
 it lists (default: the first init; ``[]``: no init axis), its own ``seeds`` (else the task's, else the spec's),
 ``command: finetune`` for runs without a teacher, ``task_overrides: false`` to ignore the task's overrides (a
 teacher fine-tune by its own recipe), ``role: teacher`` to be the task's teacher in the reports. ``after: [m]``
@@ -48,15 +48,17 @@ import csv
 import fnmatch
 import json
 import os
-import resource
 import shlex
 import shutil
 import statistics
 import string
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -91,6 +93,7 @@ class Method:
         output_dir: the cell folder (None: ``{runs_root}/{task}/{method}/{init}/s{seed}``).
         role: ``teacher`` marks the task's teacher fine-tune in the reports.
         task_overrides: apply the task's overrides (false for a teacher fine-tuned by its own recipe).
+        per_task: overrides of this method's cells of one task (``{stsb: {...}}``), after ``overrides``.
     """
 
     name: str
@@ -103,6 +106,7 @@ class Method:
     output_dir: str | None = None
     role: Literal["student", "teacher"] = "student"
     task_overrides: bool = True
+    per_task: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -141,6 +145,7 @@ class Cell:
     overrides: list[str]
     after: list[str]
     role: str
+    wave: int = 0  # the seed's position in its cell group's seed list: the run goes seed by seed
 
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "scaledkd.cli", self.command, self.recipe, *self.overrides]
@@ -211,13 +216,16 @@ def load_spec(path: str | Path) -> Spec:
         raise SpecError("tasks is empty; name at least one task")
     methods: dict[str, Method] = {}
     for name, m in top["methods"].items():
-        m = _keys(f"methods.{name}", m, ["recipe", "command", "overrides", "inits", "seeds", "after", "output_dir",
-                                         "role", "task_overrides"], required=["recipe"])
+        m = _keys(f"methods.{name}", m, ["recipe", "command", "overrides", "per_task", "inits", "seeds", "after",
+                                         "output_dir", "role", "task_overrides"], required=["recipe"])
         method = Method(name=name, recipe=str(m["recipe"]), command=m.get("command", "distill"),
                         overrides=_overrides(f"methods.{name}.overrides", m.get("overrides")),
                         inits=m.get("inits"), seeds=_seeds(f"methods.{name}.seeds", m.get("seeds")),
                         after=list(m.get("after") or []), output_dir=m.get("output_dir"),
-                        role=m.get("role", "student"), task_overrides=bool(m.get("task_overrides", True)))
+                        role=m.get("role", "student"), task_overrides=bool(m.get("task_overrides", True)),
+                        per_task={t: _overrides(f"methods.{name}.per_task.{t}", v)
+                                  for t, v in _keys(f"methods.{name}.per_task", m.get("per_task") or {},
+                                                    list(tasks)).items()})
         if method.command not in COMMANDS:
             raise SpecError(f"methods.{name}.command={method.command!r} is not valid; choose one of {list(COMMANDS)}")
         if method.role not in ("student", "teacher"):
@@ -297,7 +305,7 @@ def expand(spec: Spec) -> list[Cell]:
             inits = method.inits if method.inits is not None else ([first_init] if first_init else [])
             seeds = method.seeds or task.seeds or spec.seeds
             for init in inits or [None]:
-                for seed in seeds:
+                for wave, seed in enumerate(seeds):
                     names = {"task": task.name, "method": mname, "init": init or "", "seed": seed,
                              "runs_root": spec.runs_root}
                     cell_id = "/".join([task.name, mname, *([init] if init else []), f"s{seed}"])
@@ -305,6 +313,8 @@ def expand(spec: Spec) -> list[Cell]:
                     if method.task_overrides:
                         merged.update(_fill(task.overrides, f"tasks.{task.name}.overrides", names))
                     merged.update(_fill(method.overrides, f"methods.{mname}.overrides", names))
+                    merged.update(_fill(method.per_task.get(task.name, {}), f"methods.{mname}.per_task.{task.name}",
+                                        names))
                     if init:
                         merged.update(_fill(spec.inits[init], f"inits.{init}", names))
                     out = _fill(method.output_dir, f"methods.{mname}.output_dir", names) if method.output_dir \
@@ -316,7 +326,7 @@ def expand(spec: Spec) -> list[Cell]:
                         id=cell_id, task=task.name, method=mname, init=init, seed=seed, command=method.command,
                         recipe=_fill(method.recipe, f"methods.{mname}.recipe", names), output_dir=out,
                         overrides=[f"{k}={_cli_value(v)}" for k, v in merged.items()], after=after,
-                        role=method.role))
+                        role=method.role, wave=wave))
                     by_task_method.setdefault((task.name, mname), []).append(cell_id)
     outs: dict[str, str] = {}
     for cell in cells:
@@ -623,41 +633,60 @@ def _lock(results: Path) -> Path:
     return lock
 
 
-def run_cell(cell: Cell, log: Path) -> dict[str, Any]:
+def cell_env(jobs: int) -> dict[str, str]:
+    """The environment of a cell: this process's, without its rendezvous, and with a share of the cores.
+
+    Each cell is its own single-process job: it must not inherit a rendezvous (RANK, MASTER_PORT, ...) that belongs
+    to this process or its launcher, or it would try to join that group / bind a port in use. With ``jobs`` cells at
+    once each gets ``cores // jobs`` intra-op threads (unless OMP_NUM_THREADS is set), so they do not oversubscribe.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
+    env["PYTHONUNBUFFERED"] = "1"
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    return env
+
+
+def run_cell(cell: Cell, log: Path, *, env: dict[str, str] | None = None,
+             running: dict[str, subprocess.Popen] | None = None) -> dict[str, Any]:
     """Run one cell as a subprocess; returns its record (status, rc, wall_s, cpu_s, error).
 
-    ``cpu_s`` (user + system seconds of the cell's processes) is beside the wall time because on a shared machine
-    the wall time says more about the neighbours than about the cell.
+    ``cpu_s`` (user + system seconds of the cell's process and the children it waited for) is beside the wall time
+    because on a shared machine the wall time says more about the neighbours than about the cell. ``running``, when
+    given, holds the cell's process while it runs, so that an interrupted study can stop it.
     """
     start = time.time()
     if not Path(cell.recipe).is_file():
         log.write_text(f"recipe {cell.recipe} does not exist\n")
         return {"status": "failed", "rc": None, "wall_s": 0.0, "cpu_s": 0.0,
                 "error": f"recipe {cell.recipe!r} does not exist"}
-    # Each cell is its own single-process job: it must not inherit a rendezvous (RANK, MASTER_PORT, ...) that
-    # belongs to this process or its launcher, or it would try to join that group / bind a port in use.
-    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
-    env["PYTHONUNBUFFERED"] = "1"
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     with log.open("w") as f:
         f.write(f"$ {cell.command_line()}\n")
         f.flush()
-        proc = subprocess.Popen(cell.argv(), stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cell.argv(), stdout=f, stderr=subprocess.STDOUT,
+                                env=env if env is not None else cell_env(1))
+        if running is not None:
+            running[cell.id] = proc
         try:
-            rc = proc.wait()
+            _, status, usage = os.wait4(proc.pid, 0)  # not proc.wait(): wait4 also gives this child's own rusage
+            proc.returncode = rc = os.waitstatus_to_exitcode(status)
         except BaseException:
             proc.terminate()
             proc.wait()
             raise
+        finally:
+            if running is not None:
+                running.pop(cell.id, None)
     wall = time.time() - start
-    now = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = now.ru_utime - usage.ru_utime + now.ru_stime - usage.ru_stime
+    cpu = usage.ru_utime + usage.ru_stime
     run_dir = Path(cell.output_dir)
     if run_dir.is_dir():
         shutil.copyfile(log, run_dir / "study.log")
     if rc == 0 and cell.finished():
         return {"status": "done", "rc": 0, "wall_s": wall, "cpu_s": cpu, "error": ""}
     error = _error_of(log) if rc != 0 else f"exited 0 without writing {FINISHED_MARKER}"
+    if rc < 0:
+        error = f"killed by signal {-rc}" + (f"; last line: {error}" if error else "")
     return {"status": "failed", "rc": rc, "wall_s": wall, "cpu_s": cpu, "error": error}
 
 
@@ -676,64 +705,127 @@ def _clear_unfinished(cell: Cell, record: dict[str, Any]) -> str | None:
     return None
 
 
-def run_study(spec_path: str | Path, *, dry_run: bool = False, only: str | None = None,
+class _Interrupted(KeyboardInterrupt):
+    """SIGTERM (a scheduler's time limit, ``timeout``) turned into an interrupt, so reports are still written."""
+
+
+def _raise_interrupted(signum, frame):  # noqa: ARG001
+    raise _Interrupted(f"signal {signum}")
+
+
+def run_study(spec_path: str | Path, *, dry_run: bool = False, only: str | None = None, jobs: int = 1,
               echo: Callable[[str], None] = print) -> int:
-    """Run (or, with ``dry_run``, list) the spec's unfinished cells; returns 0 when every selected cell is done."""
+    """Run (or, with ``dry_run``, list) the spec's unfinished cells; returns 0 when every selected cell is done.
+
+    Cells run seed by seed (every cell's first seed before any second seed), so a study stopped early has every
+    method at fewer seeds rather than some methods at none. ``jobs`` cells run at once (a cell starts when the cells
+    it waits for are finished); on SIGTERM or Ctrl-C the running cells are stopped and the reports written.
+    """
+    if not isinstance(jobs, int) or jobs < 1:
+        raise SpecError(f"jobs={jobs!r}: must be a whole number >= 1")
     spec = load_spec(spec_path)
     cells = expand(spec)
     chosen = select_cells(cells, only)
     records_path = spec.results / "cells.json"
     records: dict[str, dict[str, Any]] = json.loads(records_path.read_text()) if records_path.is_file() else {}
-    todo = [c for c in chosen if not c.finished()]
+    todo = sorted((c for c in chosen if not c.finished()), key=lambda c: c.wave)  # stable: spec order per wave
     echo(f"study {spec.path}: {len(cells)} cells in the grid, {len(chosen)} selected, "
-         f"{len(chosen) - len(todo)} finished, {len(todo)} to run; results in {spec.results}")
+         f"{len(chosen) - len(todo)} finished, {len(todo)} to run"
+         + (f", {jobs} at a time" if jobs > 1 else "") + f"; results in {spec.results}")
     if dry_run:
         for cell in chosen:
             status = "done" if cell.finished() else records.get(cell.id, {}).get("status", "pending")
-            wait = f"  (after {', '.join(cell.after)})" if cell.after else ""
-            echo(f"  [{status:7s}] {cell.id}{wait}\n            {cell.command_line()}")
+            after = f"  (after {', '.join(cell.after)})" if cell.after else ""
+            echo(f"  [{status:7s}] {cell.id}{after}\n            {cell.command_line()}")
         return 0
     spec.results.mkdir(parents=True, exist_ok=True)
     (spec.results / "logs").mkdir(exist_ok=True)
     lock = _lock(spec.results)
     by_id = {c.id: c for c in cells}
+    env = cell_env(jobs)
     started = time.time()
-    ran = 0
-    try:
-        for i, cell in enumerate(todo, 1):
+    pending = list(todo)
+    in_flight: dict[Future, tuple[Cell, str]] = {}
+    procs: dict[str, subprocess.Popen] = {}
+    counter = {"started": 0, "ended": 0}
+    previous_term = signal.signal(signal.SIGTERM, _raise_interrupted) \
+        if threading.current_thread() is threading.main_thread() else None
+
+    def progress() -> str:
+        elapsed = time.time() - started
+        left = len(pending) + len(in_flight)
+        eta = f", ETA {_hms(elapsed / counter['ended'] * left)}" if counter["ended"] and left else ""
+        return f"elapsed {_hms(elapsed)}{eta}"
+
+    def start_ready(pool: ThreadPoolExecutor) -> None:
+        for cell in list(pending):
+            if len(in_flight) >= jobs:
+                return
+            deps = [by_id[d] for d in cell.after]
+            if any(d in pending or any(d is c for c, _ in in_flight.values()) for d in deps):
+                continue  # its dependencies are still to run: later
+            pending.remove(cell)
+            counter["started"] += 1
+            prefix = f"[{counter['started']}/{len(todo)}] {cell.id}"
             record = records.setdefault(cell.id, {})
-            waiting = [d for d in cell.after if not by_id[d].finished()]
-            elapsed = time.time() - started
-            eta = f", ETA {_hms(elapsed / ran * (len(todo) - i + 1))}" if ran else ""
-            prefix = f"[{i}/{len(todo)}] {cell.id}"
+            waiting = [d.id for d in deps if not d.finished()]
             if waiting:
                 record.update(status="blocked", error=f"waits for unfinished {', '.join(waiting)}")
                 echo(f"{prefix}: blocked, waits for {', '.join(waiting)}")
+                counter["ended"] += 1
             elif (reason := _clear_unfinished(cell, record)) is not None:
                 record.update(status="failed", error=reason)
                 echo(f"{prefix}: not run: {reason}")
+                counter["ended"] += 1
             else:
                 log = spec.results / "logs" / (cell.id.replace("/", "__") + ".log")
-                echo(f"{prefix}: running (elapsed {_hms(elapsed)}{eta}; log {log})")
+                echo(f"{prefix}: running ({progress()}; log {log})")
                 record.update(status="running", command=cell.command_line(), log=str(log),
                               attempts=record.get("attempts", 0) + 1, started=time.strftime("%Y-%m-%d %H:%M:%S"))
-                _write_json(records_path, records)
-                try:
-                    record.update(run_cell(cell, log))
-                except KeyboardInterrupt:
-                    record.update(status="failed", error="interrupted")
-                    raise
-                ran += 1
-                if record["status"] == "done":
-                    metrics = json.loads((Path(cell.output_dir) / FINISHED_MARKER).read_text())
-                    score = (metrics.get(spec.select) or {}).get("score")
-                    shown = f"{spec.select} dev score {score:.4f}" if score is not None else "no dev score"
-                    echo(f"{prefix}: done in {_hms(record['wall_s'])}, {shown}")
-                else:
-                    echo(f"{prefix}: FAILED in {_hms(record['wall_s'])}: {record['error']}")
+                in_flight[pool.submit(run_cell, cell, log, env=env, running=procs)] = (cell, prefix)
             _write_json(records_path, records)
-            write_reports(spec, cells, records)
+
+    def finish(future: Future) -> None:
+        cell, prefix = in_flight.pop(future)
+        record = records[cell.id]
+        counter["ended"] += 1
+        record.update(future.result())
+        if record["status"] == "done":
+            metrics = json.loads((Path(cell.output_dir) / FINISHED_MARKER).read_text())
+            score = (metrics.get(spec.select) or {}).get("score")
+            shown = f"{spec.select} dev score {score:.4f}" if score is not None else "no dev score"
+            echo(f"{prefix}: done in {_hms(record['wall_s'])}, {shown} ({progress()})")
+        else:
+            echo(f"{prefix}: FAILED in {_hms(record['wall_s'])}: {record['error']}")
+        _write_json(records_path, records)
+        write_reports(spec, cells, records)
+
+    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="study-cell")
+    try:
+        start_ready(pool)
+        while in_flight:
+            done, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
+            for future in done:
+                finish(future)
+            start_ready(pool)
+        for cell in pending:  # only reachable if a dependency vanished; recorded rather than dropped
+            records.setdefault(cell.id, {}).update(status="blocked", error="its dependencies did not run")
+    except KeyboardInterrupt as err:
+        for proc in list(procs.values()):
+            proc.terminate()
+        for future, (cell, prefix) in list(in_flight.items()):
+            try:
+                result = future.result(timeout=60)
+            except Exception as exc:  # noqa: BLE001  (the cell's thread died with the interrupt)
+                result = {"status": "failed", "error": repr(exc)}
+            records[cell.id].update(result, status="failed", error=f"interrupted ({err or 'Ctrl-C'})")
+            echo(f"{prefix}: stopped (interrupted)")
+        in_flight.clear()
+        raise
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
         _write_json(records_path, records)
         write_reports(spec, cells, records)
         lock.unlink(missing_ok=True)

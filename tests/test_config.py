@@ -118,6 +118,7 @@ def test_missing_required_key(tmp_path):
     ("train.batch_size=2.5", r"train.batch_size=2.5 must be int"),
     ("train.overwrite=true", r"unknown config key train.overwrite"),
     ("train.warmup_ratio=1.5", r"train.warmup_ratio=1.5 must be in \[0, 1\)"),
+    ("train.tf32=maybe", r"train.tf32='maybe' must be bool"),
     ("student.layers=[1, x]", r"student.layers"),
     ("student.num_layers=null", r"student.layers='uniform' needs student.num_layers"),
     ("teacher=null", r"student.init='teacher_layers' needs student.from_model or a teacher"),
@@ -216,3 +217,18 @@ def test_resolve_resource(tmp_path):
     assert resolve_resource("mine.json", str(tmp_path / "recipe.yaml")) == local
     with pytest.raises(ConfigError, match=r"file 'ds_configs/zero9.json' not found \(looked in: "):
         resolve_resource("ds_configs/zero9.json")
+
+
+def test_tf32_switch_sets_and_clears_the_backend_flags():
+    import torch
+
+    from scaledkd.engine.run import set_tf32
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        set_tf32(True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        set_tf32(False)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

@@ -68,6 +68,9 @@ def test_expand_orders_cells_after_what_they_wait_for(tmp_path):
     by_id = {c.id: c for c in cells}
     kd = by_id["rte/kd/upper/s2"]
     assert kd.after == ["rte/teacher/s42"] and by_id["sst2/hidden/lower/s7"].after == ["sst2/teacher/s42"]
+    # The wave is the seed's position in its group: a study runs every cell's first seed before any second.
+    assert [by_id[i].wave for i in ("rte/teacher/s42", "rte/kd/upper/s1", "rte/kd/upper/s2", "sst2/kd/lower/s7")] \
+        == [0, 0, 1, 0]
     assert kd.output_dir == f"{tmp_path}/runs/rte/kd/upper/s2"
     # defaults < task < method < init, then output_dir and the seed; placeholders filled.
     assert kd.overrides == ["data.data_dir=/data/glue", "train.max_steps=5", "data.task=rte",
@@ -235,6 +238,35 @@ def test_unfinished_folder_the_study_did_not_start_is_left_alone(tmp_path):
     assert json.loads((tmp_path / "results" / "cells.json").read_text())["rte/teacher/s42"]["attempts"] == 2
 
 
+def test_per_task_overrides_apply_to_that_task_only(tmp_path):
+    spec = grid_spec(tmp_path, tmp_path / "r.yaml")
+    spec["methods"]["hidden"]["per_task"] = {"sst2": {"train.max_steps": 9, "data.max_length": 64}}
+    by_id = {c.id: c for c in expand(load_spec(write_spec(tmp_path / "s.yaml", **spec)))}
+    assert "train.max_steps=9" in by_id["sst2/hidden/lower/s7"].overrides
+    assert "data.max_length=64" in by_id["sst2/hidden/lower/s7"].overrides
+    assert "train.max_steps=3" in by_id["rte/hidden/lower/s1"].overrides
+    assert not any(o.startswith("data.max_length") for o in by_id["rte/hidden/lower/s1"].overrides)
+    spec["methods"]["hidden"]["per_task"] = {"mnli": {"train.max_steps": 9}}
+    with pytest.raises(SpecError, match=r"unknown key methods.hidden.per_task.mnli; valid keys: \['rte', 'sst2'\]"):
+        load_spec(write_spec(tmp_path / "s.yaml", **spec))
+
+
+def test_jobs_must_be_positive_and_share_the_cores(tmp_path, monkeypatch, capsys):
+    spec_path = write_spec(tmp_path / "s.yaml", **grid_spec(tmp_path, tmp_path / "r.yaml"))
+    with pytest.raises(SpecError, match="jobs=0"):
+        run_study(spec_path, jobs=0)
+    with pytest.raises(SystemExit):
+        cli.main(["study", str(spec_path), "--jobs", "0"])
+    assert "'0' is not a whole number >= 1" in capsys.readouterr().err
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setattr(study.os, "cpu_count", lambda: 16)
+    assert study.cell_env(4)["OMP_NUM_THREADS"] == "4" and study.cell_env(32)["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in study.cell_env(1) and "MASTER_PORT" not in study.cell_env(4)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert study.cell_env(4)["OMP_NUM_THREADS"] == "3"  # the user's setting wins
+
+
 def test_dry_run_writes_nothing(tmp_path, capsys):
     spec_path = write_spec(tmp_path / "s.yaml", **grid_spec(tmp_path, tmp_path / "r.yaml"))
     assert cli.main(["study", str(spec_path), "--dry-run", "--only", "rte/kd/*"]) == 0
@@ -245,7 +277,7 @@ def test_dry_run_writes_nothing(tmp_path, capsys):
     assert "study spec" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name, n_cells", [("study.yaml", 73), ("smoke.yaml", 6)])
+@pytest.mark.parametrize("name, n_cells", [("study.yaml", 80), ("smoke.yaml", 6)])
 def test_shipped_specs_expand_and_name_existing_recipes(name, n_cells):
     cells = expand(load_spec(REPO / "benchmarks" / "quality" / name))
     assert len(cells) == n_cells
@@ -285,15 +317,21 @@ def test_tiny_grid_runs_resumes_and_records_a_failing_cell(tmp_path, monkeypatch
                  "broken": {"recipe": str(recipe), "seeds": [1], "overrides": {"train.max_stepz": 2}}})
     lines = []
     t0 = time.time()
-    assert run_study(spec_path, echo=lines.append) == 1
+    assert run_study(spec_path, jobs=2, echo=lines.append) == 1
     first_wall = time.time() - t0
     results = tmp_path / "results"
     records = json.loads((results / "cells.json").read_text())
     done = ["sst2/kd/lower/s1", "sst2/kd/lower/s2", "sst2/hidden/lower/s1", "sst2/hidden/lower/s2"]
     assert [records[c]["status"] for c in done] == ["done"] * 4
+    assert all(records[c]["cpu_s"] > 1.0 for c in done)  # each cell's own CPU time (wait4), not the study's
     broken = records["sst2/broken/lower/s1"]
     assert broken["status"] == "failed" and broken["rc"] == 2 and "train.max_stepz" in broken["error"]
-    assert any(line.startswith("[5/5] sst2/broken/lower/s1: FAILED") for line in lines)
+    # Seed by seed: the three first-seed cells start first; two at a time: the second starts before the first ends.
+    started = [line.split(":")[0] for line in lines if line.endswith(".log)") and ": running (" in line]
+    assert started == ["[1/5] sst2/kd/lower/s1", "[2/5] sst2/hidden/lower/s1", "[3/5] sst2/broken/lower/s1",
+                       "[4/5] sst2/kd/lower/s2", "[5/5] sst2/hidden/lower/s2"]
+    assert lines[1].startswith("[1/5] sst2/kd/lower/s1: running") and lines[2].startswith("[2/5] sst2/hidden")
+    assert any(line.startswith("[3/5] sst2/broken/lower/s1: FAILED") for line in lines)
     assert any("ETA" in line for line in lines)
     # Each finished cell: its own folder, its captured log, a different seed.
     rows = {r["cell"]: r for r in read_csv(results / "results.csv")}

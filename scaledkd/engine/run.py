@@ -258,6 +258,7 @@ def setup(cfg: Config) -> Run:
     dist.init(cfg.train.dist_timeout_s)
     run_dir = prepare_run_dir(cfg)
     _seed_everything(cfg.train.seed)
+    set_tf32(cfg.train.tf32)
     spec = data.task_spec(cfg.data)
     task = task_kind(spec)
     recipe = getattr(cfg, "_recipe_path", None)
@@ -349,6 +350,14 @@ def setup(cfg: Config) -> Run:
         checkpoint.write_json(init_dir / "run_info.json", {"task": task, "student_source": student_source})
     dist.barrier()
     return run
+
+
+def set_tf32(enabled: bool) -> None:
+    """``train.tf32``: TF32 tensor cores for fp32 matrix products on CUDA (no effect without a GPU)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    if enabled and torch.cuda.is_available():
+        log.info("train.tf32: fp32 matrix products use TF32 tensor cores")
 
 
 def _seed_everything(seed: int) -> None:
