@@ -68,6 +68,7 @@ import yaml
 RENDEZVOUS_VARS = frozenset({"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK",
                               "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"})
 
+RECORDS = "cells.json"  # the study's record of its cells, in the results folder
 FINISHED_MARKER = "metrics.json"  # engine.run.FINISHED_MARKER, not imported: that module pulls in torch
 
 
@@ -698,7 +699,8 @@ def _clear_unfinished(cell: Cell, record: dict[str, Any]) -> str | None:
         return None
     if not record.get("attempts"):
         return (f"output_dir {cell.output_dir!r} holds an unfinished run this study did not start (a run in "
-                "progress?); let it finish or remove it")
+                f"progress?); let it finish, or move it aside (mv {cell.output_dir} {cell.output_dir}.failed) if "
+                f"it is a stopped cell whose record was lost with {RECORDS}")
     aside = run_dir.with_name(run_dir.name + ".failed")
     shutil.rmtree(aside, ignore_errors=True)
     run_dir.rename(aside)
@@ -726,7 +728,7 @@ def run_study(spec_path: str | Path, *, dry_run: bool = False, only: str | None 
     spec = load_spec(spec_path)
     cells = expand(spec)
     chosen = select_cells(cells, only)
-    records_path = spec.results / "cells.json"
+    records_path = spec.results / RECORDS
     records: dict[str, dict[str, Any]] = json.loads(records_path.read_text()) if records_path.is_file() else {}
     todo = sorted((c for c in chosen if not c.finished()), key=lambda c: c.wave)  # stable: spec order per wave
     echo(f"study {spec.path}: {len(cells)} cells in the grid, {len(chosen)} selected, "

@@ -358,3 +358,53 @@ def test_tiny_grid_runs_resumes_and_records_a_failing_cell(tmp_path, monkeypatch
     records = json.loads((results / "cells.json").read_text())
     assert [records[c]["attempts"] for c in done] == [1] * 4 and records["sst2/broken/lower/s1"]["attempts"] == 2
     print(f"first invocation {first_wall:.1f} s (5 cells), second {time.time() - t0:.1f} s (1 cell)")
+
+
+@pytest.mark.slow
+def test_sigterm_stops_running_cells_writes_reports_and_the_rerun_retries_them(tmp_path):
+    # A scheduler's time limit (timeout, SLURM) sends SIGTERM: the running cells are stopped and recorded, the
+    # reports and cells.json are written, the lock is released; the next invocation moves the stopped cells'
+    # folders aside and runs them again.
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    teacher = make_tiny_bert(tmp_path / "teacher")
+    data_dir = make_sst2(tmp_path / "glue")
+    recipe = write_recipe(tmp_path / "kd.yaml", **tiny_recipe(tmp_path, teacher, data_dir))
+    spec_path = write_spec(
+        tmp_path / "study.yaml", results=str(tmp_path / "results"), runs_root=str(tmp_path / "runs"), seeds=[1, 2],
+        defaults={"train.eval_every": 0, "train.max_steps": 100000},  # runs until stopped
+        tasks={"sst2": {"overrides": {"data.task": "sst2"}}}, inits={"lower": {"student.layers": "lower"}},
+        methods={"kd": {"recipe": str(recipe)}})
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "scaledkd.cli", "study", str(spec_path), "--jobs", "2"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    results = tmp_path / "results"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # both cells have written their first training log line: they are mid-run
+        logs = [tmp_path / "runs" / "sst2" / "kd" / "lower" / s / "log.jsonl" for s in ("s1", "s2")]
+        if all(p.is_file() and '"step"' in p.read_text() for p in logs):
+            break
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("the cells did not start training within 120 s:\n" + proc.communicate()[0][-3000:])
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "sst2/kd/lower/s1: stopped (interrupted)" in out and "sst2/kd/lower/s2: stopped (interrupted)" in out
+    records = json.loads((results / "cells.json").read_text())
+    for cell in ("sst2/kd/lower/s1", "sst2/kd/lower/s2"):
+        assert records[cell]["status"] == "failed" and records[cell]["error"] == "interrupted (signal 15)"
+        assert records[cell]["attempts"] == 1
+    assert "## Not finished" in (results / "summary.md").read_text()
+    assert not (results / ".lock").exists()
+    # The rerun: the stopped folders go aside, both cells run to the end.
+    short = write_spec(spec_path, **dict(yaml.safe_load(spec_path.read_text()),
+                                         defaults={"train.eval_every": 0, "train.max_steps": 2}))
+    assert run_study(short, jobs=2, echo=lambda line: None) == 0
+    records = json.loads((results / "cells.json").read_text())
+    assert [records[c]["attempts"] for c in ("sst2/kd/lower/s1", "sst2/kd/lower/s2")] == [2, 2]
+    assert (tmp_path / "runs" / "sst2" / "kd" / "lower" / "s1.failed" / "log.jsonl").is_file()
