@@ -45,15 +45,20 @@ class NonFiniteLoss(RuntimeError):
 # ------------------------------------------------------------------------------------------ run folder
 
 
+def refuse_finished(run_dir: Path, cfg: Config, what: str = "run") -> None:
+    """A finished ``what`` (its ``FINISHED_MARKER``) in ``run_dir`` is kept unless ``overwrite=true``."""
+    if (run_dir / FINISHED_MARKER).exists() and not cfg.overwrite:
+        raise RunDirError(
+            f"output_dir {str(run_dir)!r} already holds a finished {what} ({FINISHED_MARKER}); pass overwrite=true "
+            "to replace it (the old run is moved aside first) or choose another output_dir"
+        )
+
+
 def prepare_run_dir(cfg: Config) -> Path:
     """Create/validate the run folder (rank 0 acts, everyone waits). Never damages what is there."""
     run_dir = Path(cfg.output_dir)
     if dist.is_main():
-        if (run_dir / FINISHED_MARKER).exists() and not cfg.overwrite:
-            raise RunDirError(
-                f"output_dir {str(run_dir)!r} already holds a finished run ({FINISHED_MARKER}); pass overwrite=true "
-                "to replace it (the old run is moved aside first) or choose another output_dir"
-            )
+        refuse_finished(run_dir, cfg)
         if run_dir.exists() and any(run_dir.iterdir()) and not cfg.train.resume:
             if not cfg.overwrite:
                 raise RunDirError(

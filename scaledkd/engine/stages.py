@@ -36,7 +36,7 @@ from ..config import (
     merge_section,
 )
 from . import dist
-from .run import FINISHED_MARKER, RunDirError, move_aside, run_distillation, validate
+from .run import FINISHED_MARKER, RunDirError, move_aside, refuse_finished, run_distillation, validate
 
 log = logging.getLogger("scaledkd")
 
@@ -151,11 +151,7 @@ def _prepare_root(cfg: Config) -> Path:
     the old folder aside until the new run finishes."""
     root = Path(cfg.output_dir)
     if dist.is_main():
-        if (root / FINISHED_MARKER).exists() and not cfg.overwrite:
-            raise RunDirError(
-                f"output_dir {str(root)!r} already holds a finished staged run ({FINISHED_MARKER}); pass "
-                "overwrite=true to replace it (the old run is moved aside first) or choose another output_dir"
-            )
+        refuse_finished(root, cfg, "staged run")
         if cfg.overwrite and root.exists() and any(root.iterdir()):
             move_aside(root)
         root.mkdir(parents=True, exist_ok=True)
