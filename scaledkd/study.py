@@ -749,36 +749,35 @@ def run_study(spec_path: str | Path, *, dry_run: bool = False, only: str | None 
     pending = list(todo)
     in_flight: dict[Future, tuple[Cell, str]] = {}
     procs: dict[str, subprocess.Popen] = {}
-    counter = {"started": 0, "ended": 0}
     previous_term = signal.signal(signal.SIGTERM, _raise_interrupted) \
         if threading.current_thread() is threading.main_thread() else None
 
     def progress() -> str:
         elapsed = time.time() - started
         left = len(pending) + len(in_flight)
-        eta = f", ETA {_hms(elapsed / counter['ended'] * left)}" if counter["ended"] and left else ""
+        ended = len(todo) - left
+        eta = f", ETA {_hms(elapsed / ended * left)}" if ended and left else ""
         return f"elapsed {_hms(elapsed)}{eta}"
 
     def start_ready(pool: ThreadPoolExecutor) -> None:
-        for cell in list(pending):
-            if len(in_flight) >= jobs:
-                return
-            deps = [by_id[d] for d in cell.after]
-            if any(d in pending or any(d is c for c, _ in in_flight.values()) for d in deps):
-                continue  # its dependencies are still to run: later
+        """Settle pending cells in order (start, or record as blocked / not run) while there is room; a cell
+        waits while a cell it depends on is pending or running. Scans again after settling one, since a
+        dependency later in the order (another seed wave) may just have been settled."""
+        while pending and len(in_flight) < jobs:
+            unsettled = {c.id for c in pending} | {c.id for c, _ in in_flight.values()}
+            cell = next((c for c in pending if not unsettled.intersection(c.after)), None)
+            if cell is None:
+                return  # every pending cell waits for a running one
             pending.remove(cell)
-            counter["started"] += 1
-            prefix = f"[{counter['started']}/{len(todo)}] {cell.id}"
+            prefix = f"[{len(todo) - len(pending)}/{len(todo)}] {cell.id}"
             record = records.setdefault(cell.id, {})
-            waiting = [d.id for d in deps if not d.finished()]
+            waiting = [d for d in cell.after if not by_id[d].finished()]
             if waiting:
                 record.update(status="blocked", error=f"waits for unfinished {', '.join(waiting)}")
                 echo(f"{prefix}: blocked, waits for {', '.join(waiting)}")
-                counter["ended"] += 1
             elif (reason := _clear_unfinished(cell, record)) is not None:
                 record.update(status="failed", error=reason)
                 echo(f"{prefix}: not run: {reason}")
-                counter["ended"] += 1
             else:
                 log = spec.results / "logs" / (cell.id.replace("/", "__") + ".log")
                 echo(f"{prefix}: running ({progress()}; log {log})")
@@ -790,7 +789,6 @@ def run_study(spec_path: str | Path, *, dry_run: bool = False, only: str | None 
     def finish(future: Future) -> None:
         cell, prefix = in_flight.pop(future)
         record = records[cell.id]
-        counter["ended"] += 1
         record.update(future.result())
         if record["status"] == "done":
             metrics = json.loads((Path(cell.output_dir) / FINISHED_MARKER).read_text())
@@ -810,8 +808,7 @@ def run_study(spec_path: str | Path, *, dry_run: bool = False, only: str | None 
             for future in done:
                 finish(future)
             start_ready(pool)
-        for cell in pending:  # only reachable if a dependency vanished; recorded rather than dropped
-            records.setdefault(cell.id, {}).update(status="blocked", error="its dependencies did not run")
+        assert not pending, f"cells left unsettled: {[c.id for c in pending]}"  # the spec rejects cycles
     except KeyboardInterrupt as err:
         for proc in list(procs.values()):
             proc.terminate()

@@ -221,6 +221,26 @@ def test_missing_recipe_is_a_failed_cell_and_blocks_what_waits(tmp_path):
     assert not (tmp_path / "results" / ".lock").exists()
 
 
+def test_a_cell_waiting_for_a_later_seed_wave_is_recorded_as_blocked(tmp_path):
+    # pre fails, so both teacher seeds are blocked without ever running; the teacher's second seed comes in wave 1,
+    # after kd's only (wave 0) cell in the run order, and kd must still be settled as blocked by them.
+    spec = grid_spec(tmp_path, tmp_path / "missing.yaml")
+    spec["methods"]["pre"] = {"recipe": str(tmp_path / "missing.yaml"), "command": "finetune", "seeds": [1],
+                              "inits": [], "output_dir": "{runs_root}/pre_{task}"}
+    spec["methods"]["teacher"].update(seeds=[42, 43], output_dir="{runs_root}/teacher_{task}_s{seed}", after=["pre"])
+    spec["methods"]["kd"]["inits"] = ["lower"]
+    spec["tasks"]["rte"]["seeds"] = [1]
+    spec_path = write_spec(tmp_path / "s.yaml", **spec)
+    lines = []
+    assert run_study(spec_path, only="rte/kd/*", echo=lines.append) == 1
+    records = json.loads((tmp_path / "results" / "cells.json").read_text())
+    assert records["rte/teacher/s43"] == {"status": "blocked", "error": "waits for unfinished rte/pre/s1"}
+    assert records["rte/kd/lower/s1"] == {"status": "blocked",
+                                          "error": "waits for unfinished rte/teacher/s42, rte/teacher/s43"}
+    assert [line.split(":")[0] for line in lines if ": running" in line or ": blocked" in line] == [
+        "[1/4] rte/pre/s1", "[2/4] rte/teacher/s42", "[3/4] rte/teacher/s43", "[4/4] rte/kd/lower/s1"]
+
+
 def test_unfinished_folder_the_study_did_not_start_is_left_alone(tmp_path):
     spec_path = write_spec(tmp_path / "s.yaml", **grid_spec(tmp_path, tmp_path / "missing.yaml"))
     live = tmp_path / "runs" / "teacher_rte"
