@@ -1,0 +1,29 @@
+"""Run-folder names and crash-safe file writes, shared by the engine, export and the study (no torch import).
+
+A file is written to a temporary sibling, flushed to disk and renamed into place, so a reader (a resumed run, a
+study deciding whether a cell finished) sees either the old file or the whole new one, never half of it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+FINISHED_MARKER = "metrics.json"  # written last by a run; its presence means "finished"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a flushed temporary sibling and an atomic rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def write_json(path: Path, data: Any, *, indent: int = 2, sort_keys: bool = False) -> None:
+    """Write JSON atomically (:func:`write_text_atomic`); values JSON cannot hold are written as ``str``."""
+    write_text_atomic(path, json.dumps(data, indent=indent, sort_keys=sort_keys, default=str) + "\n")
