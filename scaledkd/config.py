@@ -204,7 +204,7 @@ class DataConfig:
         if self.task in ("csv", "jsonl") and self.label_column and not self.num_labels:
             raise ConfigError(f"data.task={self.task!r} with a label_column needs data.num_labels")
         if isinstance(self.supplementary, dict):  # built in code rather than from YAML
-            self.supplementary = _build(SupplementaryConfig, self.supplementary, "data.supplementary")
+            self.supplementary = from_dict(SupplementaryConfig, self.supplementary, "data.supplementary")
         if not 0.0 <= self.label_noise < 1.0:
             raise ConfigError(f"data.label_noise={self.label_noise!r} must be in [0, 1)")
         if self.label_noise and not self.is_classification:
@@ -373,7 +373,7 @@ def merge_section(cls: type, base: Any, overrides: dict[str, Any], where: str) -
     """``base`` (a section dataclass, or None) with ``overrides`` applied on top, rebuilt and validated."""
     data = asdict(base) if base is not None else {}
     data.update(overrides)
-    return _build(cls, _fix_floats(data), where)
+    return from_dict(cls, _fix_floats(data), where)
 
 
 def stage_refs(node: Any) -> list[str]:
@@ -471,7 +471,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping, got {value!r}")
-        return _build(tp, value, where)
+        return from_dict(tp, value, where)
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}={value!r} must be a list")
@@ -494,7 +494,10 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
-def _build(cls: type, data: dict[str, Any], where: str = "") -> Any:
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass ``cls`` from plain (YAML) data: unknown keys, missing keys and wrong types fail with a
+    :class:`ConfigError` that names the key path ``where``; each section's ``__post_init__`` then validates values.
+    The recipe schema and the study spec are both read through it."""
     hints = get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
@@ -573,7 +576,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {str(path)!r} must be a mapping at the top level")
     data = _fix_floats(apply_overrides(data, overrides or []))
-    cfg = _build(Config, data)
+    cfg = from_dict(Config, data)
     cfg._recipe_path = str(path.resolve())  # type: ignore[attr-defined]
     return cfg
 
@@ -589,7 +592,7 @@ def _fix_floats(node: Any) -> Any:
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    return _build(Config, _fix_floats(data))
+    return from_dict(Config, _fix_floats(data))
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
