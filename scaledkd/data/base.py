@@ -34,7 +34,7 @@ class TaskSpec:
         text_fields: the source columns read as ``text_a`` (and ``text_b`` when there are two).
         labels: label strings in class-index order; ``None`` for regression and unlabeled tasks.
         num_labels: number of classes; 1 for regression, 0 for unlabeled text.
-        metrics: the dev metrics (METHODS.md §7); empty for unlabeled text.
+        metrics: the dev metrics (docs/methods.md#evaluation); empty for unlabeled text.
         train_file: training file name inside ``folder``.
         dev_file: dev file name inside ``folder`` (MNLI: ``dev_matched.tsv``).
         label_field: the source column holding the label (``None`` when unlabeled).

@@ -107,8 +107,8 @@ def derived_seed(seed: int, purpose: str) -> int:
 
 def with_supplementary(target: datasets.Dataset, cfg: DataConfig, seed: int) -> datasets.Dataset:
     """The training inputs of a label-free stage: ``target`` mixed with (or replaced by) the supplementary inputs
-    of ``cfg.supplementary`` (CR-ILD, METHODS.md §4). Labels are dropped; single-text rows of a pair task get
-    ``text_b = None``.
+    of ``cfg.supplementary`` (CR-ILD, docs/methods.md#supplementary-ild-data). Labels are dropped; single-text
+    rows of a pair task get ``text_b = None``.
 
     Raises:
         DataError: the supplementary source is missing or empty (the message names its setting).

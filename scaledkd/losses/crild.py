@@ -1,5 +1,5 @@
 """CR-ILD's consistency regularisation (Ko et al. 2023, "Revisiting Intermediate Layer Distillation for
-Compressing Language Models: An Overfitting Perspective"; METHODS.md §4).
+Compressing Language Models: An Overfitting Perspective"; docs/methods.md#cr-ild).
 
 Stage 1 of CR-ILD runs last-layer ILD (``attn_kl`` / ``hidden_mse`` / ``qkv_relation`` with ``mapping: last``) on
 mixed embeddings (``train.mixup``, :mod:`scaledkd.mixup`), optionally on supplementary data

@@ -1,6 +1,7 @@
 """Token-level logit divergences for decoder (causal LM) distillation, computed in memory-bounded chunks.
 
-METHODS.md §6: per token, over the vocabulary, masked to real (and, for instruction data, response) tokens:
+Per token, over the vocabulary, masked to real (and, for instruction data, response) tokens
+(docs/methods.md#decoder-lm-logit-divergences):
 
 - ``forward_kl``       ``KL(p_t || p_s)``, mode covering (Hinton et al., 2015; the usual word-level KD).
 - ``reverse_kl``       ``KL(p_s || p_t)``, mode seeking (MiniLLM, Gu et al., 2024).

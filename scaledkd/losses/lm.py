@@ -1,4 +1,5 @@
-"""Causal-LM losses (METHODS.md §6): token-level logit distillation and the hard-label next-token loss.
+"""Causal-LM losses: token-level logit distillation and the hard-label next-token loss
+(docs/methods.md#decoder-lm-logit-divergences).
 
 Both read logits ``[B, L, V]`` and the batch's token mask / labels, which the causal-LM collator
 (``scaledkd/data/lm.py``) already aligns with the logits: position ``i`` predicts token ``i + 1``, and padding,

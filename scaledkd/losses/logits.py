@@ -12,7 +12,7 @@ class TaskLoss(DistillLoss):
     """Hard-label loss: cross-entropy for classification, MSE for regression (``num_labels == 1``).
 
     Shapes: logits ``[B, C]`` (``[B, 1]`` for regression), labels ``[B]``.
-    The ``(1 - alpha) * CE + alpha * KD`` mix of METHODS.md §1 is two terms with weights ``1 - alpha`` and
+    The ``(1 - alpha) * CE + alpha * KD`` mix (docs/methods.md#vanilla-kd) is two terms with weights ``1 - alpha`` and
     ``alpha``, so each is logged on its own.
     """
 

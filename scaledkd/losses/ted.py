@@ -1,5 +1,5 @@
 """TED: task-aware layer-wise distillation with per-layer filters (Liang et al. 2023, "Less is More: Task-aware
-Layer-wise Distillation for Language Model Compression"; METHODS.md §5).
+Layer-wise Distillation for Language Model Compression"; docs/methods.md#ted).
 
 Each distilled layer k of both models gets a filter ``f_k``: ``Linear(D, d_f)`` or ``Linear -> GELU -> Linear``
 (``d_f = D_t`` by default, so the student's filter is also the width projection).
