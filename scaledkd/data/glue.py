@@ -1,6 +1,6 @@
 """GLUE: the nine task descriptions and a reader for the official TSV files with all their quirks.
 
-Quirks handled (see ``shared/data/README.md``):
+Quirks handled (see docs/data.md#glue-tsv-folders):
 
 * tab splitting with no quote processing (RTE and QNLI sentences contain unbalanced ``"``);
 * CoLA train/dev have no header and no final newline (columns: source, label, original label, sentence);
