@@ -117,7 +117,9 @@ def test_only_selects_cells_and_what_they_wait_for(tmp_path):
     (lambda s: s["methods"]["teacher"].update(output_dir="{runs_root}/teacher"), "share output_dir"),
     (lambda s: s.update(select="last"), "select='last' is not valid"),
     (lambda s: s["tasks"]["rte"].update(seeds=[]), "non-empty list of integers"),
-    (lambda s: s["methods"]["kd"].pop("recipe"), "needs the key 'recipe'"),
+    (lambda s: s["methods"]["kd"].pop("recipe"), "missing key methods.kd.recipe"),
+    (lambda s: s["methods"]["kd"].update(name="kd2"), "unknown key methods.kd.name"),  # the name is the key
+    (lambda s: s["tasks"]["rte"].update(seeds=["1"]), "tasks.rte.seeds[0]='1' must be int"),
 ])
 def test_spec_errors_name_the_value_and_the_choices(tmp_path, change, needle):
     spec = grid_spec(tmp_path, tmp_path / "r.yaml")
@@ -280,7 +282,7 @@ def test_jobs_must_be_positive_and_share_the_cores(tmp_path, monkeypatch, capsys
     assert "'0' is not a whole number >= 1" in capsys.readouterr().err
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setenv("MASTER_PORT", "29500")
-    monkeypatch.setattr(study.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(study.runner.os, "cpu_count", lambda: 16)
     assert study.cell_env(4)["OMP_NUM_THREADS"] == "4" and study.cell_env(32)["OMP_NUM_THREADS"] == "1"
     assert "OMP_NUM_THREADS" not in study.cell_env(1) and "MASTER_PORT" not in study.cell_env(4)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
@@ -306,9 +308,19 @@ def test_shipped_specs_expand_and_name_existing_recipes(name, n_cells):
 
 
 def test_finished_marker_matches_the_engine():
+    from scaledkd import files
     from scaledkd.engine.run import FINISHED_MARKER
 
-    assert study.FINISHED_MARKER == FINISHED_MARKER
+    assert study.FINISHED_MARKER == files.FINISHED_MARKER == FINISHED_MARKER
+
+
+def test_the_study_does_not_import_torch():
+    # The CLI's study command and the parent of the cells stay light: torch is imported only by the cells.
+    import subprocess
+    import sys
+
+    code = "import sys, scaledkd.study; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
 # ------------------------------------------------------------------------------------------------ end to end
