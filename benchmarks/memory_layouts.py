@@ -130,21 +130,22 @@ def measure(teacher_layout: str, student_layout: str, batch_size: int, seq_len: 
     """Build one layout, run one step of two micro-batches, and count what this rank holds."""
     import torch
 
-    from scaledkd import models, plan
+    from scaledkd import ds_config, models, plan
     from scaledkd.config import StudentConfig, TrainConfig
     from scaledkd.engine import dist, ds
     from scaledkd.engine.module import DistillModule, TeacherRunner
     from scaledkd.losses import LossSetup, build_loss
 
     train = TrainConfig(batch_size=batch_size, grad_accum=2, lr=1e-4)
-    t_ds = ds.teacher_ds_config(ds.read_ds_config(plan.TEACHER_LAYOUTS[teacher_layout]), train)
-    s_ds = ds.student_ds_config(ds.read_ds_config(plan.STUDENT_LAYOUTS[student_layout]), train)
+    n = dist.world_size()
+    t_ds = ds_config.teacher_ds_config(ds_config.read_ds_config(plan.TEACHER_LAYOUTS[teacher_layout]), train, n)
+    s_ds = ds_config.student_ds_config(ds_config.read_ds_config(plan.STUDENT_LAYOUTS[student_layout]), train, n)
     rss0 = _rss_mib()
     start = time.perf_counter()
     with ds.load_context(t_ds):
         teacher = models.freeze(models.load_pretrained(TEACHER_PATH, "classification", 2))
     teacher_numels = [int(getattr(p, "ds_numel", p.numel())) for p in teacher.parameters()]
-    teacher_engine = ds.initialize(teacher, t_ds) if ds.zero_stage(t_ds) == 3 else teacher
+    teacher_engine = ds.initialize(teacher, t_ds) if ds_config.zero_stage(t_ds) == 3 else teacher
     torch.manual_seed(0)
     student = models.build_student(StudentConfig(layers="uniform", num_layers=3), TEACHER_PATH, "classification", 2)
     numels = [p.numel() for p in student.parameters()]
@@ -213,13 +214,12 @@ def worker(args: argparse.Namespace) -> None:
 
 def expected(record: dict) -> dict[str, float]:
     """The planner's bytes per rank for this layout (fp32 weights and Adam, 2 micro-batches per step, as run here)."""
-    from scaledkd import plan
-    from scaledkd.engine import ds
+    from scaledkd import ds_config, plan
 
     n = record["world_size"]
-    teacher = plan.teacher_bytes(record["teacher_param_numels"], ds.read_ds_config(record["teacher_ds_config"]), n,
+    teacher = plan.teacher_bytes(record["teacher_param_numels"], ds_config.read_ds_config(record["teacher_ds_config"]), n,
                                  "fp32")
-    student = plan.student_bytes(record["student_param_numels"], ds.read_ds_config(record["student_ds_config"]), n,
+    student = plan.student_bytes(record["student_param_numels"], ds_config.read_ds_config(record["student_ds_config"]), n,
                                  "fp32", grad_accum=2)
     both = teacher.merged(student)
     return {c: both.both(c) for c in CATEGORIES}

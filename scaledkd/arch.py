@@ -5,6 +5,7 @@ needs. Nothing here reads parameters: module lookups only, so it is safe on ZeRO
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,8 @@ class Arch:
         embeddings: path of the embedding module relative to ``model.base_model`` (mixup, embedding taps).
         causal: decoder (causal attention mask) or encoder.
         intermediate_attr: config attribute of the MLP width (differs between families).
+        positions_after_padding: position ids start after the padding id (RoBERTa's convention), so a sequence
+            may hold ``max_position_embeddings - pad_token_id - 1`` tokens.
     """
 
     blocks: str
@@ -34,6 +37,7 @@ class Arch:
     causal: bool
     fused_qkv: str | None = None
     intermediate_attr: str = "intermediate_size"
+    positions_after_padding: bool = False
 
 
 ARCHS: Registry[Arch] = Registry("architecture (config.model_type)")
@@ -46,8 +50,10 @@ _BERT = Arch(
     embeddings="embeddings",
     causal=False,
 )
-for _name in ("bert", "roberta", "xlm-roberta", "electra", "camembert"):
+for _name in ("bert", "electra"):
     ARCHS.register(_name)(_BERT)
+for _name in ("roberta", "xlm-roberta", "camembert"):
+    ARCHS.register(_name)(dataclasses.replace(_BERT, positions_after_padding=True))
 ARCHS.register("distilbert")(
     Arch(
         blocks="transformer.layer",
@@ -107,13 +113,15 @@ def embeddings(model: nn.Module) -> nn.Module:
     return _get(model.base_model, arch_of(model).embeddings)
 
 
-def block_prefix(model: nn.Module) -> str:
-    """State-dict prefix of the block list, e.g. ``bert.encoder.layer.`` (for copying teacher blocks)."""
-    model = unwrap(model)
-    base = model.base_model_prefix
-    path = arch_of(model).blocks
-    prefix = f"{base}.{path}." if getattr(model, base, None) is not None and model.base_model is not model else f"{path}."
-    return prefix
+def position_limit(config) -> int | None:
+    """The most tokens one sequence may hold (``max_position_embeddings``, less RoBERTa's padding offset), or
+    None when the architecture has no learned/declared limit."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None:
+        return None
+    if arch_of(config).positions_after_padding:
+        limit -= int(getattr(config, "pad_token_id", 0) or 0) + 1
+    return int(limit)
 
 
 def attention_geometry(config) -> tuple[int, int, int]:

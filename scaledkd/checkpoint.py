@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .engine import dist
-from .files import write_json, write_text_atomic  # noqa: F401  (write_json: for the committed run.py/stages.py)
+from .files import write_text_atomic
 
 log = logging.getLogger("scaledkd")
 

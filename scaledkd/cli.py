@@ -3,7 +3,7 @@
     scaledkd distill [RECIPE] [key.sub=value ...]   distil (the embedded default recipe when RECIPE is omitted)
     scaledkd finetune RECIPE [overrides]            train the student on the task alone (no teacher)
     scaledkd validate RECIPE [overrides]            check config, models and data without training
-    scaledkd eval MODEL_DIR --task T --data-dir D   dev metrics of an exported model, as JSON
+    scaledkd eval MODEL_DIR [--task T] --data-dir D dev metrics of an exported model, as JSON
     scaledkd eval MODEL_DIR --task lm --file F      perplexity of an exported causal LM on a text/JSON-lines file
     scaledkd export RUN_DIR OUT_DIR                 consolidate a run's checkpoint into a Hugging Face folder
     scaledkd losses                                 list the registered losses
@@ -59,92 +59,53 @@ def _load(items: list[str], *, need_recipe: bool):
     return load_config(recipe, overrides)
 
 
-def cmd_distill(args: argparse.Namespace) -> int:
+def _run(cfg) -> int:
     from .engine.dist import prepare_environment
 
     prepare_environment()
     from .engine.run import run_distillation
+    from .engine.stages import run_stages
     from .summary import print_summary
 
-    cfg = _load(args.items, need_recipe=False)
-    if cfg.stages:
-        from .engine.stages import run_stages
-
-        metrics = run_stages(cfg)
-    else:
-        metrics = run_distillation(cfg)
+    metrics = run_stages(cfg) if cfg.stages else run_distillation(cfg)
     print_summary(cfg, metrics)
     return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    return _run(_load(args.items, need_recipe=False))
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .engine.dist import prepare_environment
+    from .build import baseline
 
-    prepare_environment()
-    from .engine.run import run_distillation
-    from .summary import print_summary
-
-    cfg = _load(args.items, need_recipe=True)
-    if cfg.stages:
-        raise SystemExit("error: a staged recipe (stages:) runs with `scaledkd distill`; a teacher fine-tune is one "
-                         "of its stages (trains: teacher)")
-    if cfg.teacher is not None:
-        log.info("finetune: ignoring the recipe's teacher (%s); the student trains on the task alone", cfg.teacher.path)
-        cfg.teacher = None
-    metrics = run_distillation(cfg)
-    print_summary(cfg, metrics)
-    return 0
+    return _run(baseline(_load(args.items, need_recipe=True)))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from .engine.run import validate
+    from .engine.stages import validate_stages
 
     cfg = _load(args.items, need_recipe=True)
-    if cfg.stages:
-        from .engine.stages import validate_stages
-
-        report = validate_stages(cfg)
-    else:
-        report = validate(cfg)
+    report = validate_stages(cfg) if cfg.stages else validate(cfg)
     print(json.dumps({"ok": True, **report}, indent=2))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from . import data, models
-    from .config import DataConfig
-    from .engine.run import eval_batches, task_kind
-    from .evaluation import evaluate_task, perplexity
+    from .evaluation import evaluate_model_dir
 
-    if args.task == "lm" and not args.file:
-        raise SystemExit("error: --task lm needs --file (the text or JSON-lines file to score)")
-    lm_kw = {"train_file": args.file, "eval_file": args.file, "documents": args.documents,
-             "packing": not args.no_packing} if args.task == "lm" else {}
-    data_cfg = DataConfig(task=args.task, data_dir=args.data_dir, max_length=args.max_length,
-                          max_eval_samples=args.max_samples, **lm_kw)
-    spec = data.task_spec(data_cfg)
-    kind = task_kind(spec)
-    if kind == "agnostic":
-        raise SystemExit(f"error: --task {args.task} has no labels to evaluate; give a GLUE task or lm")
-    model = models.load_pretrained(args.model_dir, kind, spec.num_labels)
-    tokenizer = models.load_tokenizer(args.model_dir)
-    if kind == "causal_lm":
-        rows = data.pack_documents(data.load_examples(data_cfg, "dev", args.seed), tokenizer, args.max_length,
-                                   data_cfg.packing, drop_remainder=False)
-        scores = perplexity(model, eval_batches(rows, args.batch_size, data.make_lm_collator(tokenizer)))
-        print(json.dumps({"model": args.model_dir, "task": "lm", "file": args.file, "rows": len(rows),
-                          "max_length": args.max_length, **scores}, indent=2))
-        return 0
-    dev = data.tokenize_dataset(data.load_examples(data_cfg, "dev", args.seed), tokenizer, args.max_length)
-    scores = evaluate_task(model, eval_batches(dev, args.batch_size, data.make_collator(tokenizer)), kind, spec.name)
-    print(json.dumps({"model": args.model_dir, "task": args.task, "examples": len(dev), **scores}, indent=2))
+    report = evaluate_model_dir(args.model_dir, task=args.task, data_dir=args.data_dir, file=args.file,
+                                documents=args.documents, packing=not args.no_packing, batch_size=args.batch_size,
+                                max_length=args.max_length, max_samples=args.max_samples, seed=args.seed)
+    print(json.dumps(report, indent=2))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_run
 
-    out = export_run(Path(args.run_dir), Path(args.out_dir), args.checkpoint)
+    out = export_run(Path(args.run_dir), Path(args.out_dir), args.checkpoint, overwrite=args.overwrite)
     print(json.dumps({"exported": str(out)}, indent=2))
     return 0
 
@@ -177,7 +138,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scaledkd", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     overrides_help = "RECIPE (YAML) followed by key.sub=value overrides, e.g. train.max_steps=100"
@@ -195,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="dev metrics of an exported model, printed as JSON")
     p.add_argument("model_dir")
-    p.add_argument("--task", required=True, help="GLUE task name (sst2, rte, stsb, ...) or lm (perplexity)")
+    p.add_argument("--task", default=None, help="GLUE task name (sst2, rte, stsb, ...) or lm (perplexity); default: "
+                   "the task the model was trained on (its scaledkd_config.yaml)")
     p.add_argument("--data-dir", default=None, help="GLUE folder, or the folder --file is relative to "
                                                     "(default $SCALEDKD_DATA_DIR)")
     p.add_argument("--file", default=None, help="--task lm: the text or JSON-lines file to score (all of it)")
@@ -203,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--task lm, plain text: blank_line, line, whole or sep:<separator> (data.documents)")
     p.add_argument("--no-packing", action="store_true", help="--task lm: one truncated document per row")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per example; default: the model's training data.max_length, else 128")
     p.add_argument("--max-samples", type=int, default=None)
     p.add_argument("--seed", type=int, default=42)
     p.set_defaults(func=cmd_eval)
@@ -212,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("out_dir")
     p.add_argument("--checkpoint", default="latest", help="checkpoint tag (step_N) or 'latest'")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT_DIR if it holds an earlier export (never the run or a folder around it)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("losses", help="list the registered losses")
@@ -234,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "summarise it", description="Run every unfinished cell of SPEC as its own subprocess "
                        "(a finished cell has metrics.json and is skipped; a failed one is retried next time) and "
                        "write results.csv, summary.csv/.md/.png and commands.md to the spec's results folder. "
-                       "Spec format: the docstring of scaledkd/study.py; example: benchmarks/quality/study.yaml.")
+                       "Spec format: the docstring of scaledkd/study/__init__.py; example: benchmarks/quality/study.yaml.")
     p.add_argument("spec", help="study spec (YAML)")
     p.add_argument("--dry-run", action="store_true", help="list the cells, their status and commands; run nothing")
     p.add_argument("--only", default=None, metavar="PATTERN",
@@ -255,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     from .config import ConfigError
     from .data import DataError
-    from .engine.run import NonFiniteLoss, RunDirError
+    from .build import RunDirError
+    from .engine.step import NonFiniteLoss
 
     try:
         return args.func(args)

@@ -15,6 +15,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .mappings import MAPPINGS
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
 DEFAULT_RECIPE = PACKAGE_DIR / "recipes" / "default.yaml"
@@ -30,11 +32,38 @@ def _choices(name: str, value: Any, valid: typing.Iterable[Any]) -> None:
         raise ConfigError(f"{name}={value!r} is not valid; choose one of {valid}")
 
 
+def literal_choices(tp: Any) -> tuple[Any, ...]:
+    """The values a ``Literal[...]`` annotation allows (also inside ``X | Literal[...] | None``); () otherwise."""
+    if get_origin(tp) is Literal:
+        return get_args(tp)
+    if get_origin(tp) in (Union, types.UnionType):
+        return tuple(c for arg in get_args(tp) for c in literal_choices(arg))
+    return ()
+
+
+def check_choices(section: Any, prefix: str) -> None:
+    """Validate every ``Literal``-typed field of a dataclass against its annotation: the ``Literal`` is the one
+    declaration of a choice list, and the error lists its values. A field typed ``Literal[...] | list[...]``
+    checks only string values."""
+    hints = get_type_hints(type(section))
+    for f in fields(section):
+        valid = literal_choices(hints[f.name])
+        value = getattr(section, f.name)
+        if valid and value is not None and not isinstance(value, (list, tuple, dict)):
+            _choices(f"{prefix}.{f.name}", value, valid)
+
+
 def _positive(name: str, value: float | int | None, allow_zero: bool = False) -> None:
     if value is None:
         return
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+LayerScheme = Literal["lower", "upper", "uniform"]
+GlueTask = Literal["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"]
+SupplementaryTask = Literal[GlueTask, "text", "csv", "jsonl"]
+TaskName = Literal[SupplementaryTask, "lm"]
 
 
 @dataclass
@@ -72,7 +101,7 @@ class StudentConfig:
     """
 
     init: Literal["teacher_layers", "config", "pretrained"] = "teacher_layers"
-    layers: str | list[int] = "lower"
+    layers: LayerScheme | list[int] = "lower"
     num_layers: int | None = None
     from_model: str | None = None
     path: str | None = None
@@ -84,9 +113,8 @@ class StudentConfig:
     freeze: bool = False
 
     def __post_init__(self) -> None:
-        _choices("student.init", self.init, ["teacher_layers", "config", "pretrained"])
+        check_choices(self, "student")
         if isinstance(self.layers, str):
-            _choices("student.layers", self.layers, ["lower", "upper", "uniform"])
             if self.init == "teacher_layers" and self.num_layers is None:
                 raise ConfigError(f"student.layers={self.layers!r} needs student.num_layers")
         elif not self.layers or not all(isinstance(i, int) for i in self.layers):
@@ -97,12 +125,10 @@ class StudentConfig:
             _positive(f"student.{name}", getattr(self, name))
 
 
-TASK_NAMES = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli", "text", "csv", "jsonl", "lm")
 LM_DOCUMENTS = ("blank_line", "line", "whole")  # or "sep:<literal separator>"
-
-
-GLUE_TASK_NAMES = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
-SUPPLEMENTARY_TASKS = (*GLUE_TASK_NAMES, "text", "csv", "jsonl")
+GLUE_TASK_NAMES = get_args(GlueTask)
+SUPPLEMENTARY_TASKS = get_args(SupplementaryTask)
+TASK_NAMES = get_args(TaskName)
 
 
 @dataclass
@@ -121,7 +147,7 @@ class SupplementaryConfig:
         max_samples: a seeded subset of this many supplementary inputs.
     """
 
-    task: str
+    task: SupplementaryTask
     mode: Literal["mix", "replace"] = "mix"
     data_dir: str | None = None
     source: Literal["local", "hub"] = "local"
@@ -130,9 +156,7 @@ class SupplementaryConfig:
     max_samples: int | None = None
 
     def __post_init__(self) -> None:
-        _choices("data.supplementary.task", self.task, SUPPLEMENTARY_TASKS)
-        _choices("data.supplementary.mode", self.mode, ["mix", "replace"])
-        _choices("data.supplementary.source", self.source, ["local", "hub"])
+        check_choices(self, "data.supplementary")
         _positive("data.supplementary.max_samples", self.max_samples)
         if self.task in ("text", "csv", "jsonl") and not self.train_file:
             raise ConfigError(f"data.supplementary.task={self.task!r} needs data.supplementary.train_file")
@@ -170,7 +194,7 @@ class DataConfig:
             within each document); ``false``: one document per row, truncated to ``max_length`` and padded.
     """
 
-    task: str = "text"
+    task: TaskName = "text"
     data_dir: str | None = None
     source: Literal["local", "hub"] = "local"
     train_file: str | None = None
@@ -189,11 +213,9 @@ class DataConfig:
     packing: bool = True
 
     def __post_init__(self) -> None:
-        _choices("data.task", self.task, TASK_NAMES)
+        check_choices(self, "data")
         if not (self.documents.startswith("sep:") and len(self.documents) > 4):
             _choices("data.documents", self.documents, [*LM_DOCUMENTS, "sep:<separator>"])
-        _choices("data.source", self.source, ["local", "hub"])
-        _choices("data.eval_split", self.eval_split, ["dev", "train"])
         _positive("data.max_length", self.max_length)
         _positive("data.max_train_samples", self.max_train_samples)
         _positive("data.max_eval_samples", self.max_eval_samples)
@@ -229,7 +251,8 @@ class LossConfig:
     Attributes:
         name: registry key (``scaledkd losses`` lists them).
         weight: multiplier of this term in the total loss.
-        mapping: layer mapping for layer-wise losses: ``last``, ``uniform`` or explicit ``[[s, t], ...]`` pairs
+        mapping: layer mapping for layer-wise losses: a registered mapping name (``last``, ``uniform``, or one a
+            plugin registers in ``scaledkd.mappings.MAPPINGS``) or explicit ``[[s, t], ...]`` pairs
             (1-based block numbers, 0 = embeddings).
         params: keyword arguments of the loss (``temperature``, ``relation_heads``, ...).
     """
@@ -241,11 +264,12 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.mapping, str):
-            _choices(f"losses[{self.name}].mapping", self.mapping, ["last", "uniform"])
+            _choices(f"losses[{self.name}].mapping", self.mapping, MAPPINGS.names())
         elif self.mapping is not None:
             if not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in self.mapping):
                 raise ConfigError(
-                    f"losses[{self.name}].mapping={self.mapping!r} must be 'last', 'uniform' or [[s, t], ...]"
+                    f"losses[{self.name}].mapping={self.mapping!r} must be a mapping name ({MAPPINGS.names()}) "
+                    "or [[s, t], ...]"
                 )
 
 
@@ -303,9 +327,7 @@ class TrainConfig:
     mixup_alpha: float = 1.0
 
     def __post_init__(self) -> None:
-        _choices("train.precision", self.precision, ["fp32", "bf16", "fp16"])
-        _choices("train.export", self.export, ["final", "best"])
-        _choices("train.backend", self.backend, ["auto", "deepspeed", "accelerate"])
+        check_choices(self, "train")
         for name in ("batch_size", "grad_accum", "max_steps", "epochs", "lr", "log_every", "dist_timeout_s",
                      "mixup_alpha"):
             _positive(f"train.{name}", getattr(self, name))
@@ -356,7 +378,7 @@ class StageConfig:
         if not _STAGE_NAME.fullmatch(self.name):
             raise ConfigError(f"stages: name={self.name!r} may use only letters, digits, '_' and '-'")
         where = f"stages[{self.name}]"
-        _choices(f"{where}.trains", self.trains, ["student", "teacher"])
+        check_choices(self, where)
         if self.becomes_teacher and self.trains != "teacher":
             raise ConfigError(f"{where}.becomes_teacher=true needs trains: teacher (got trains={self.trains!r})")
         if self.trains == "teacher" and self.teacher:
@@ -397,6 +419,8 @@ class Config:
         plugins: modules imported before the losses are built, so they can ``@register_loss`` their own.
         stages: a multi-stage recipe (:class:`StageConfig`); each stage runs in its own folder under ``output_dir``
             and ``output_dir/metrics.json`` (a summary) is written once every stage finished.
+        recipe_path: the recipe file this config was read from (set by :func:`load_config`); relative
+            ``ds_config`` paths are also looked up beside it.
     """
 
     output_dir: str
@@ -408,6 +432,7 @@ class Config:
     overwrite: bool = False
     plugins: list[str] = field(default_factory=list)
     stages: list[StageConfig] = field(default_factory=list)
+    recipe_path: str | None = None
 
     def __post_init__(self) -> None:
         if not self.losses and not self.stages:
@@ -572,13 +597,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     path = Path(path) if path is not None else DEFAULT_RECIPE
     if not path.is_file():
         raise ConfigError(f"recipe {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"recipe {str(path)!r} is not UTF-8 text: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {str(path)!r} must be a mapping at the top level")
     data = _fix_floats(apply_overrides(data, overrides or []))
-    cfg = from_dict(Config, data)
-    cfg._recipe_path = str(path.resolve())  # type: ignore[attr-defined]
-    return cfg
+    data.setdefault("recipe_path", str(path.resolve()))
+    return from_dict(Config, data)
 
 
 def _fix_floats(node: Any) -> Any:

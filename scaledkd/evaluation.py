@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .engine.module import model_inputs
+from .inputs import eval_batches, model_inputs
 from .losses.divergence import IGNORE_INDEX, chunked_cross_entropy
 from .metrics import compute_metrics
 
@@ -136,3 +136,62 @@ def generate_sample(model_dir: str | Path, prompt: str, max_new_tokens: int = 40
                          max_new_tokens=max_new_tokens, pad_token_id=eos, eos_token_id=eos)
     completion = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
     return {"prompt": prompt, "completion": completion, "model": str(model_dir)}
+
+
+# ------------------------------------------------------------------------------------------ exported models
+
+
+def _exported_config(model_dir: str | Path) -> dict:
+    """The recipe an exported student was trained with (``scaledkd_config.yaml``), or {} for other models."""
+    import yaml
+
+    from .export import CONFIG_FILE
+
+    path = Path(model_dir) / CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def evaluate_model_dir(model_dir: str, *, task: str | None = None, data_dir: str | None = None,
+                       file: str | None = None, documents: str = "blank_line", packing: bool = True,
+                       batch_size: int = 64, max_length: int | None = None, max_samples: int | None = None,
+                       seed: int = 42) -> dict:
+    """``scaledkd eval``: dev scores of a saved model (GLUE metrics, or perplexity of a text file for ``lm``).
+
+    The task and ``max_length`` default to what an exported scaledkd student was trained with (its
+    ``scaledkd_config.yaml``); a model from elsewhere needs ``task`` (``max_length`` then defaults to 128).
+    """
+    from . import data, models
+    from .build import task_kind
+    from .config import ConfigError, DataConfig
+
+    trained = (_exported_config(model_dir).get("data") or {})
+    task = task or trained.get("task")
+    if task is None:
+        raise ConfigError(f"--task is needed: {model_dir!r} has no scaledkd_config.yaml saying what it was trained "
+                          "on; give a GLUE task (sst2, rte, stsb, ...) or lm")
+    max_length = max_length or (trained.get("max_length") if trained.get("task") == task else None) or 128
+    if task == "lm" and not file:
+        raise ConfigError("--task lm needs --file (the text or JSON-lines file to score)")
+    lm_kw = ({"train_file": file, "eval_file": file, "documents": documents, "packing": packing}
+             if task == "lm" else {})
+    data_cfg = DataConfig(task=task, data_dir=data_dir, max_length=max_length, max_eval_samples=max_samples,
+                          **lm_kw)
+    spec = data.task_spec(data_cfg)
+    kind = task_kind(spec)
+    if kind == "agnostic":
+        raise ConfigError(f"--task {task} has no labels to evaluate; give a GLUE task or lm")
+    model = models.load_pretrained(model_dir, kind, spec.num_labels)
+    tokenizer = models.load_tokenizer(model_dir)
+    dev = data.prepare_split(data_cfg, tokenizer, "dev", seed, causal_lm=kind == "causal_lm")
+    batches = eval_batches(dev.rows, batch_size, dev.collate)
+    if kind == "causal_lm":
+        return {"model": model_dir, "task": "lm", "file": file, "rows": len(dev.rows), "max_length": max_length,
+                **perplexity(model, batches)}
+    return {"model": model_dir, "task": task, "examples": len(dev.rows), "max_length": max_length,
+            **evaluate_task(model, batches, kind, spec.name)}

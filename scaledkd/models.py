@@ -10,7 +10,7 @@ import copy
 import importlib
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -25,12 +25,12 @@ from transformers import (
 )
 
 from . import arch
-from .config import StudentConfig
+from .config import LayerScheme, StudentConfig
 
 log = logging.getLogger("scaledkd")
 
 TaskKind = Literal["classification", "regression", "agnostic", "causal_lm"]
-LAYER_SCHEMES = ("lower", "upper", "uniform")
+LAYER_SCHEMES = get_args(LayerScheme)
 
 
 def resolve_model_path(path: str) -> str:
@@ -77,13 +77,14 @@ def load_pretrained(path: str, task: TaskKind, num_labels: int = 0, dtype: torch
     a regression head, a bare encoder, or a causal-LM head)."""
     local = resolve_model_path(path)
     config = load_config(path, task, num_labels)
-    _check_supported(config, path)
+    check_supported(config, path)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     model = auto_class(task).from_pretrained(local, config=config, **kwargs)
     return model
 
 
-def _check_supported(config: PretrainedConfig, path: str) -> None:
+def check_supported(config: PretrainedConfig, path: str) -> None:
+    """``config.model_type`` must have a layer map (:mod:`scaledkd.arch`); the error lists the supported ones."""
     if config.model_type not in arch.ARCHS:
         raise ValueError(
             f"model {path!r} has model_type {config.model_type!r}, which scaledkd has no layer map for; "
@@ -151,9 +152,7 @@ def student_from_layers(source: PreTrainedModel, layers: list[int]) -> PreTraine
         source: an unsharded model (the pretrained or task-fine-tuned teacher) with the student's head.
         layers: 1-based source blocks, e.g. ``[1, 2, 3]``; student block i is source block ``layers[i - 1]``.
     """
-    config = copy.deepcopy(source.config)
-    _set_num_layers(config, layers)
-    student = type(source)(config)
+    student = type(source)(layers_student_config(source.config, layers))
     prefix = _block_prefix(source)
     wanted = {src: dst for dst, src in enumerate(layers)}  # 1-based source block -> 0-based student index
     state = {}
@@ -176,8 +175,9 @@ def _is_tied(model: PreTrainedModel, key: str) -> bool:
     return key in set(getattr(model, "_tied_weights_keys", None) or {})
 
 
-def student_from_config(source_config: PretrainedConfig, cfg: StudentConfig, task: TaskKind) -> PreTrainedModel:
-    """A randomly initialised student: the source config with fewer blocks and/or a smaller width."""
+def config_student_config(source_config: PretrainedConfig, cfg: StudentConfig) -> PretrainedConfig:
+    """The config of a randomly initialised (``init: config``) student: the source config with fewer blocks
+    and/or a smaller width, checked for head divisibility (also grouped-query attention)."""
     config = copy.deepcopy(source_config)
     n = cfg.num_layers or config.num_hidden_layers
     _set_num_layers(config, list(range(1, n + 1)))
@@ -206,7 +206,19 @@ def student_from_config(source_config: PretrainedConfig, cfg: StudentConfig, tas
         config.head_dim = config.hidden_size // config.num_attention_heads
     if cfg.intermediate_size:
         setattr(config, arch.arch_of(config).intermediate_attr, cfg.intermediate_size)
-    return auto_class(task).from_config(config)
+    return config
+
+
+def layers_student_config(source_config: PretrainedConfig, layers: list[int]) -> PretrainedConfig:
+    """The config of a student made of source blocks ``layers`` (1-based): the source's with fewer blocks."""
+    config = copy.deepcopy(source_config)
+    _set_num_layers(config, layers)
+    return config
+
+
+def student_from_config(source_config: PretrainedConfig, cfg: StudentConfig, task: TaskKind) -> PreTrainedModel:
+    """A randomly initialised student built from :func:`config_student_config`."""
+    return auto_class(task).from_config(config_student_config(source_config, cfg))
 
 
 def build_student(cfg: StudentConfig, default_source: str | None, task: TaskKind, num_labels: int) -> PreTrainedModel:
@@ -216,7 +228,7 @@ def build_student(cfg: StudentConfig, default_source: str | None, task: TaskKind
     source_path = cfg.from_model or default_source
     if cfg.init == "config":
         source_config = load_config(source_path, task, num_labels)
-        _check_supported(source_config, source_path)
+        check_supported(source_config, source_path)
         return student_from_config(source_config, cfg, task)
     source = load_pretrained(source_path, task, num_labels)
     layers = choose_layers(cfg.layers, cfg.num_layers, arch.num_blocks(source))

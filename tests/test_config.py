@@ -134,8 +134,24 @@ def test_bad_mapping_and_empty_losses(tmp_path):
     with pytest.raises(ConfigError, match=r"losses\[logit_kd\].mapping='skip' is not valid; choose one of \['last', "):
         load_config(write(tmp_path, data))
     data["losses"][0]["mapping"] = [[1, 2], [3]]
-    with pytest.raises(ConfigError, match=r"must be 'last', 'uniform' or \[\[s, t\], \.\.\.\]"):
+    with pytest.raises(ConfigError, match=r"must be a mapping name \(\['last', 'uniform'\]\) or \[\[s, t\], \.\.\.\]"):
         load_config(write(tmp_path, data))
+
+
+def test_every_registered_mapping_is_accepted(tmp_path):
+    """The mapping choice list is the registry: a mapping registered there is usable from a recipe."""
+    from scaledkd.mappings import MAPPINGS
+
+    @MAPPINGS.register("first_test_only")
+    def first(n_student, n_teacher, with_embeddings=False):
+        return [(1, 1)]
+
+    try:
+        data = minimal()
+        data["losses"][0]["mapping"] = "first_test_only"
+        assert load_config(write(tmp_path, data)).losses[0].mapping == "first_test_only"
+    finally:
+        MAPPINGS._items.pop("first_test_only")
     data["losses"] = []
     with pytest.raises(ConfigError, match="losses is empty"):
         load_config(write(tmp_path, data))

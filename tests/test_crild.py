@@ -11,14 +11,21 @@ import pytest
 import torch
 
 from scaledkd import cli
+from scaledkd.build import check_losses, loss_plans
 from scaledkd.config import ConfigError, DataConfig, config_from_dict, load_config
 from scaledkd.data import load_examples, make_collator, tokenize_dataset
 from scaledkd.engine.module import DistillModule, TeacherRunner
-from scaledkd.engine.run import build_losses
 from scaledkd.losses import LossSetup, build_loss
 from scaledkd.mixup import CLEAN_MASK, LAMBDA, EmbeddingMixup, union_mask
 from tests.conftest import make_batch, tiny_model
-from tests.tiny import REPO, make_sst2, make_tiny_bert, minilm_path, tiny_recipe, write_recipe
+from tests.tiny import (
+    REPO,
+    make_sst2,
+    make_tiny_bert,
+    minilm_path,
+    tiny_recipe,
+    write_recipe,
+)
 
 SHARED = REPO.parent / "shared" / "data"
 
@@ -203,10 +210,12 @@ def test_label_losses_are_refused_with_mixup_or_supplementary(tmp_path):
                                      "data.supplementary makes the training inputs unlabeled")):
         recipe = {**base, section: {**base[section], **value}}
         with pytest.raises(ConfigError, match=message):
-            build_losses(config_from_dict(recipe), s_cfg, s_cfg, "classification")
+            cfg = config_from_dict(recipe)
+            check_losses(cfg, loss_plans(cfg, s_cfg, s_cfg, "classification"), {})
     recipe = {**base, "losses": [{"name": "crild_consistency"}]}
     with pytest.raises(ConfigError, match="set train.mixup: true"):
-        build_losses(config_from_dict(recipe), s_cfg, s_cfg, "classification")
+        cfg = config_from_dict(recipe)
+        check_losses(cfg, loss_plans(cfg, s_cfg, s_cfg, "classification"), {})
 
 
 # --------------------------------------------------------------------------------------------- data options

@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from scaledkd import cli
+from scaledkd.build import resolve
 from scaledkd.config import config_from_dict
 from tests.tiny import REPO, make_sst2, make_tiny_bert, tiny_recipe, write_recipe
 
@@ -43,7 +44,7 @@ def test_distill_exports_a_student_that_reproduces_its_logits(assets, tmp_path):
 
     teacher, data_dir = assets
     cfg = config_from_dict(tiny_recipe(tmp_path, teacher, data_dir))
-    run = run_mod.setup(cfg)
+    run = run_mod.setup(resolve(cfg))
     teacher_before = {k: v.clone() for k, v in run.teacher_model.state_dict().items()}
     result = run_mod.train(run)
     metrics = run_mod.finish(run, result)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from scaledkd.build import resolve
 from scaledkd.config import config_from_dict
 from scaledkd.engine import run as run_mod
 from tests.tiny import REPO, make_sst2, make_tiny_bert, tiny_recipe
@@ -49,7 +50,7 @@ def test_student_copies_the_chosen_blocks_of_the_chosen_teacher(assets, tmp_path
     origin = {"pretrained": pretrained, "finetuned": finetuned}[source]
     recipe = tiny_recipe(tmp_path, finetuned, data_dir, losses=[loss], train__max_steps=1)
     recipe["student"].update(layers=scheme, num_layers=2, from_model=str(origin))
-    run = run_mod.setup(config_from_dict(recipe))
+    run = run_mod.setup(resolve(config_from_dict(recipe)))
     student = run.engine.module.student
     assert_copied(student, AutoModelForSequenceClassification.from_pretrained(origin), blocks)
     other = pretrained if origin == finetuned else finetuned

@@ -15,6 +15,7 @@ from tokenizers import models as tok_models
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from scaledkd import arch, cli, models
+from scaledkd.build import resolve
 from scaledkd.config import DataConfig, StudentConfig, config_from_dict
 from scaledkd.data import DataError, load_examples, make_lm_collator, pack_documents
 from scaledkd.data.lm import IGNORE_INDEX, split_documents
@@ -423,7 +424,7 @@ def test_distill_causal_lm_exports_reloadable_student(lm_assets, tmp_path, capsy
     from scaledkd.engine.run import eval_batches
 
     cfg = config_from_dict(lm_recipe(lm_assets, tmp_path / "run"))
-    run = run_mod.setup(cfg)
+    run = run_mod.setup(resolve(cfg))
     assert run.task == "causal_lm"
     metrics = run_mod.finish(run, run_mod.train(run))
 

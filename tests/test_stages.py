@@ -204,9 +204,16 @@ def test_interrupted_stage_without_checkpoint_restarts(assets, tmp_path, capsys)
     assert not list((tmp_path / "run").glob("stage_1_kd.replaced-*"))  # the partial run, removed once finished
 
 
-def test_finetune_refuses_a_staged_recipe(assets, tmp_path):
+def test_finetune_of_a_staged_recipe_is_its_last_student_stage_without_teacher(assets, tmp_path):
+    """A staged recipe's no-teacher baseline is one run of its last student stage, on the recipe's own student."""
+    from scaledkd.build import baseline
+
     teacher, data_dir = assets
-    stages = [{"name": "kd", "losses": [{"name": "logit_kd"}]}]
-    recipe = write_recipe(tmp_path / "r.yaml", **staged(tmp_path, teacher, data_dir, stages))
-    with pytest.raises(SystemExit, match="runs with `scaledkd distill`"):
-        cli.main(["finetune", str(recipe)])
+    stages = [{"name": "ild", "losses": [{"name": "hidden_mse"}], "train": {"epochs": 9}},
+              {"name": "kd", "losses": [{"name": "logit_kd"}], "train": {"lr": 0.5}}]
+    cfg = baseline(config_from_dict(staged(tmp_path, teacher, data_dir, stages)))
+    assert not cfg.stages and cfg.teacher is None and [lc.name for lc in cfg.losses] == ["task"]
+    assert cfg.train.lr == 0.5 and cfg.student.from_model == str(teacher)
+    only_teacher = [{"name": "tf", "trains": "teacher", "losses": [{"name": "task"}]}]
+    recipe = write_recipe(tmp_path / "r.yaml", **staged(tmp_path, teacher, data_dir, only_teacher))
+    assert cli.main(["finetune", str(recipe)]) == 2

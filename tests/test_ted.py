@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from scaledkd import cli
+from scaledkd.build import resolve
 from scaledkd.config import config_from_dict, load_config
 from scaledkd.engine import run as run_mod
 from scaledkd.engine.run import run_distillation
@@ -154,7 +155,7 @@ def test_ted_three_stages_export_no_filters(tmp_path, monkeypatch):
     for k, v in teacher_model.state_dict().items():
         torch.testing.assert_close(exported[k], v, rtol=0, atol=0)  # the frozen backbone did not move
 
-    run = run_mod.setup(s2)
+    run = run_mod.setup(resolve(s2))
     loss = run.engine.module.losses["ted_mse"]
     t_filters = load_file(t_dir / "ted_filters.safetensors")
     s_filters = load_file(s_dir / "ted_filters.safetensors")

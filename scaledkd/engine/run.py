@@ -1,155 +1,45 @@
-"""One run, top to bottom: config -> models -> losses -> taps -> engines -> loop -> evaluation -> export.
+"""One run, top to bottom: plan -> run folder -> data -> models -> losses -> taps -> engines -> loop -> evaluation
+-> export.
 
 The same function serves every launcher (none, torchrun, deepspeed, accelerate, srun): ranks come from the
 environment, and every collective (ZeRO-3 forwards, checkpoint shards, consolidation) is reached by all ranks.
+The config was resolved into a :class:`~scaledkd.build.RunPlan` before anything here runs.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
 import math
 import os
-import shutil
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from .. import __version__, arch, checkpoint, data, evaluation, models
-from ..config import Config, ConfigError, LossConfig
+from .. import __version__, checkpoint, data, evaluation, models
+from ..build import RunPlan, resolve
+from ..config import Config, LossConfig
 from ..export import gather_student_state, save_student
-from ..losses import LossSetup, build_loss
+from ..files import FINISHED_MARKER, write_json, write_text_atomic
+from ..inputs import eval_batches as _eval_batches
+from ..inputs import model_inputs, to_device
 from ..mixup import EmbeddingMixup
-from . import accel, dist, ds
-from .module import DistillModule, TeacherRunner, model_inputs
+from . import accel, dist, rundir
+from .batches import ShardedBatches
+from .module import DistillModule, TeacherRunner
+from .step import distill_step
 
 log = logging.getLogger("scaledkd")
 
-FINISHED_MARKER = "metrics.json"
-
-
-class RunDirError(ValueError):
-    """The output folder cannot be used as asked (finished run, foreign files)."""
-
-
-class NonFiniteLoss(RuntimeError):
-    """A loss term became NaN/inf; the message names the step and the term."""
-
-
-# ------------------------------------------------------------------------------------------ run folder
-
-
-def refuse_finished(run_dir: Path, cfg: Config, what: str = "run") -> None:
-    """A finished ``what`` (its ``FINISHED_MARKER``) in ``run_dir`` is kept unless ``overwrite=true``."""
-    if (run_dir / FINISHED_MARKER).exists() and not cfg.overwrite:
-        raise RunDirError(
-            f"output_dir {str(run_dir)!r} already holds a finished {what} ({FINISHED_MARKER}); pass overwrite=true "
-            "to replace it (the old run is moved aside first) or choose another output_dir"
-        )
-
-
-def prepare_run_dir(cfg: Config) -> Path:
-    """Create/validate the run folder (rank 0 acts, everyone waits). Never damages what is there."""
-    run_dir = Path(cfg.output_dir)
-    if dist.is_main():
-        refuse_finished(run_dir, cfg)
-        if run_dir.exists() and any(run_dir.iterdir()) and not cfg.train.resume:
-            if not cfg.overwrite:
-                raise RunDirError(
-                    f"output_dir {str(run_dir)!r} is not empty; resume an interrupted run with train.resume=latest, "
-                    "pass overwrite=true (the old contents are moved aside), or choose another output_dir"
-                )
-            move_aside(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    return run_dir
-
-
-def move_aside(run_dir: Path) -> Path:
-    """``overwrite=true``: rename the previous run; :func:`finish` deletes it once the new run has finished."""
-    aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir.rename(aside)
-    log.warning("overwrite=true: moved the previous run in %s to %s; it is deleted once this run finishes",
-                run_dir, aside)
-    return aside
-
-
-def task_kind(spec: data.TaskSpec) -> models.TaskKind:
-    if spec.name == "lm":
-        return "causal_lm"
-    if spec.num_labels == 0:
-        return "agnostic"
-    return "regression" if spec.is_regression else "classification"
-
-
-# ------------------------------------------------------------------------------------------ batches
-
-
-class ShardedBatches:
-    """Seeded, rank-sharded micro-batches; the same (seed, epoch, position) always gives the same batch.
-
-    Every rank gets the same number of micro-batches (the remainder of an epoch is dropped) so collectives
-    stay in step; resuming skips the micro-batches already consumed.
-    """
-
-    def __init__(self, dataset, batch_size: int, seed: int, collate) -> None:
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.seed = seed
-        self.collate = collate
-        self.per_epoch = len(dataset) // (batch_size * dist.world_size())
-        if self.per_epoch == 0:
-            raise ConfigError(
-                f"the training set has {len(dataset)} examples, fewer than one global batch "
-                f"({batch_size} x {dist.world_size()} ranks); lower train.batch_size"
-            )
-
-    def __call__(self, epoch: int, skip: int = 0):
-        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch))
-        mine = order[dist.rank():: dist.world_size()]
-        for i in range(skip, self.per_epoch):
-            idx = mine[i * self.batch_size:(i + 1) * self.batch_size].tolist()
-            yield to_device(self.collate([self.dataset[j] for j in idx]))
-
-
-def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    dev = dist.device()
-    return {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
 
 def eval_batches(dataset, batch_size: int, collate):
-    for i in range(0, len(dataset), batch_size):
-        yield to_device(collate([dataset[j] for j in range(i, min(len(dataset), i + batch_size))]))
-
-
-# ------------------------------------------------------------------------------------------ the step
-
-
-def distill_step(engine, teacher: TeacherRunner | None, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-    """One micro-batch: teacher forward, student forward + losses, backward, (boundary) optimiser step.
-
-    Loss terms are averaged across ranks before anything else so every rank agrees on a non-finite value and
-    stops together, before the bad gradient reaches the weights. Returns ``{"loss": total, term: value}``.
-    """
-    t_out = teacher(batch) if teacher is not None else None
-    total, terms = engine(batch, t_out)
-    names = ["loss", *terms]
-    values = dist.mean_across_ranks(torch.stack([total.detach().float(), *(v.detach().float() for v in terms.values())]))
-    if not torch.isfinite(values).all():
-        bad = [f"{n}={v}" for n, v in zip(names, values.tolist()) if not math.isfinite(v)]
-        raise NonFiniteLoss(
-            f"non-finite loss at step {engine.global_steps + 1} (micro-batch {engine.micro_steps + 1}): "
-            f"{', '.join(bad)}; nothing was updated with it"
-        )
-    engine.backward(total)
-    engine.step()
-    return dict(zip(names, values.tolist()))
+    """Dev batches on this rank's device."""
+    return _eval_batches(dataset, batch_size, collate, dist.device())
 
 
 # ------------------------------------------------------------------------------------------ setup
@@ -157,10 +47,23 @@ def distill_step(engine, teacher: TeacherRunner | None, batch: dict[str, torch.T
 
 @dataclass
 class Run:
-    cfg: Config
+    """A run ready to train: its plan, folder, data, engines and loop settings.
+
+    Attributes:
+        plan: the resolved plan (config, task, sources, DeepSpeed configs, losses).
+        run_dir: the run folder.
+        replaced: where ``overwrite=true`` moved the previous run (put back if this run fails), else None.
+        tokenizer, train_set, dev_set, collate: tokenised splits and their collator.
+        engine: the student's DeepSpeed engine around the :class:`DistillModule`.
+        teacher: the teacher's runner (forward with taps), None without a teacher.
+        teacher_model: the teacher (or its ZeRO-3 engine), for evaluation and timing.
+        batches: the training micro-batches; total_steps: optimiser steps of the run.
+        mixup: CR-ILD's embedding mixup, when ``train.mixup``.
+    """
+
+    plan: RunPlan
     run_dir: Path
-    spec: data.TaskSpec
-    task: models.TaskKind
+    replaced: Path | None
     tokenizer: Any
     train_set: Any
     dev_set: Any
@@ -168,8 +71,21 @@ class Run:
     engine: Any
     teacher: TeacherRunner | None
     teacher_model: Any
-    student_source: str
-    history: list[dict[str, Any]] = field(default_factory=list)
+    batches: ShardedBatches
+    total_steps: int
+    mixup: EmbeddingMixup | None
+
+    @property
+    def cfg(self) -> Config:
+        return self.plan.cfg
+
+    @property
+    def task(self) -> str:
+        return self.plan.task
+
+    @property
+    def spec(self) -> data.TaskSpec:
+        return self.plan.spec
 
 
 def _weight_decay_groups(module: torch.nn.Module, cfg: Config) -> list[dict[str, Any]]:
@@ -201,100 +117,51 @@ def warmup_linear(total_steps: int, warmup_ratio: float):
     return factor
 
 
-def build_losses(cfg: Config, student_config, teacher_config, task: str) -> tuple[dict, dict]:
-    for plugin in cfg.plugins:
-        importlib.import_module(plugin)
-    losses, weights = {}, {}
-    for i, lc in enumerate(cfg.losses):
-        key = lc.name if lc.name not in losses else f"{lc.name}_{i}"
-        setup = LossSetup(student_config=student_config, teacher_config=teacher_config, mapping=lc.mapping,
-                          task=task, name=lc.name, causal=arch.is_causal(student_config))
-        losses[key] = build_loss(lc.name, setup, lc.params)
-        weights[key] = lc.weight
-        _check_inputs(cfg, key, losses[key])
-    return losses, weights
-
-
-def _check_inputs(cfg: Config, name: str, loss) -> None:
-    """Consistency terms need mixed inputs; mixed inputs and supplementary data have no (meaningful) labels."""
-    if "clean" in loss.needs and not cfg.train.mixup:
-        raise ConfigError(f"loss {name!r} compares mixed and clean inputs; set train.mixup: true")
-    if "labels" not in loss.needs:
-        return
-    if cfg.train.mixup:
-        raise ConfigError(f"loss {name!r} reads labels, but train.mixup=true mixes inputs (their labels are not "
-                          "mixed); use label-free losses in a mixup stage (attn_kl, hidden_mse, logit_kd, ...)")
-    if cfg.data.supplementary is not None:
-        raise ConfigError(f"loss {name!r} reads labels, but data.supplementary makes the training inputs unlabeled; "
-                          "use label-free (ILD) losses in that stage")
-
-
 def validate(cfg: Config) -> dict[str, Any]:
-    """Check a config against its models and data without training (``scaledkd validate``)."""
-    spec = data.task_spec(cfg.data)
-    task = task_kind(spec)
-    student_source = cfg.student.path if cfg.student.init == "pretrained" else (cfg.student.from_model or cfg.teacher.path)
-    s_config = models.load_config(student_source, task, spec.num_labels)
-    if cfg.student.init == "teacher_layers":
-        layers = models.choose_layers(cfg.student.layers, cfg.student.num_layers, s_config.num_hidden_layers)
-        models._set_num_layers(s_config, layers)
-    elif cfg.student.init == "config":
-        s_config = models.student_from_config(s_config, cfg.student, task).config
-    t_config = models.load_config(cfg.teacher.path, task, spec.num_labels) if cfg.teacher else None
-    if t_config is not None:
-        models.check_vocab_sizes(t_config, s_config)
-        models.check_student_tokenizer(models.load_tokenizer(cfg.teacher.path), cfg.teacher.path, student_source)
-    losses, _ = build_losses(cfg, s_config, t_config, task)
-    for name, loss in losses.items():
-        if "teacher" in loss.needs and cfg.teacher is None:
-            raise ConfigError(f"loss {name!r} needs a teacher, but teacher is null")
-    ds_student = ds.read_ds_config(cfg.student.ds_config, getattr(cfg, "_recipe_path", None))
-    ds.student_ds_config(ds_student, cfg.train)
-    if cfg.teacher:
-        ds.teacher_ds_config(ds.read_ds_config(cfg.teacher.ds_config, getattr(cfg, "_recipe_path", None)), cfg.train)
-    n_train = len(data.load_examples(cfg.data, "train", cfg.train.seed))
-    n_dev = len(data.load_examples(cfg.data, "dev", cfg.train.seed))
-    return {"task": task, "train_examples": n_train, "dev_examples": n_dev, "losses": sorted(losses),
-            "student_blocks": s_config.num_hidden_layers,
-            "teacher_blocks": t_config.num_hidden_layers if t_config else None}
+    """``scaledkd validate``: the run plan of ``cfg`` (every check ``distill`` makes before its first step)."""
+    return resolve(cfg).summary()
 
 
-def setup(cfg: Config) -> Run:
+def setup(plan: RunPlan) -> Run:
+    """Build a run from its plan: folder, data, engines (teacher, then student), losses, optimiser.
+
+    If anything fails once ``overwrite=true`` moved an old run aside, the old run is put back.
+    """
+    cfg = plan.cfg
     dist.init(cfg.train.dist_timeout_s)
-    run_dir = prepare_run_dir(cfg)
+    run_dir, replaced = rundir.prepare(cfg)
+    try:
+        return _setup(plan, run_dir, replaced)
+    except BaseException:
+        rundir.restore(run_dir, replaced)
+        raise
+
+
+def _setup(plan: RunPlan, run_dir: Path, replaced: Path | None) -> Run:
+    cfg, task = plan.cfg, plan.task
     _seed_everything(cfg.train.seed)
     set_tf32(cfg.train.tf32)
-    spec = data.task_spec(cfg.data)
-    task = task_kind(spec)
-    recipe = getattr(cfg, "_recipe_path", None)
 
     # Data (every rank reads; it is small next to the models).
-    student_source = cfg.student.path if cfg.student.init == "pretrained" else (cfg.student.from_model or cfg.teacher.path)
-    tokenizer = models.load_tokenizer(cfg.teacher.path if cfg.teacher else student_source)
-    if cfg.teacher:
-        models.check_student_tokenizer(tokenizer, cfg.teacher.path, student_source)
-    if task == "causal_lm":
-        train_set, dev_set = data.lm_datasets(cfg.data, tokenizer, cfg.train.seed)
-        collate = data.make_lm_collator(tokenizer)
-    else:
-        train_set = data.tokenize_dataset(data.load_examples(cfg.data, "train", cfg.train.seed), tokenizer,
-                                          cfg.data.max_length)
-        dev_set = data.tokenize_dataset(data.load_examples(cfg.data, "dev", cfg.train.seed), tokenizer,
-                                        cfg.data.max_length)
-        collate = data.make_collator(tokenizer)
+    tokenizer = models.load_tokenizer(plan.tokenizer_source)
+    causal_lm = task == "causal_lm"
+    train_split = data.prepare_split(cfg.data, tokenizer, "train", cfg.train.seed, causal_lm=causal_lm)
+    dev_split = data.prepare_split(cfg.data, tokenizer, "dev", cfg.train.seed, causal_lm=causal_lm)
+    train_set, dev_set, collate = train_split.rows, dev_split.rows, train_split.collate
+    if causal_lm:
+        log.info("data.task='lm': %d train rows, %d held-out rows of up to %d tokens (packing=%s)",
+                 len(train_set), len(dev_set), cfg.data.max_length, cfg.data.packing)
 
     # Engines: DeepSpeed directly or through Accelerate's plugins (train.backend), one config per model.
-    t_ds = ds.teacher_ds_config(ds.read_ds_config(cfg.teacher.ds_config, recipe), cfg.train) if cfg.teacher else None
-    s_ds = ds.student_ds_config(ds.read_ds_config(cfg.student.ds_config, recipe), cfg.train)
-    engines = accel.engine_factory(cfg.train, student=s_ds, teacher=t_ds)
+    engines = accel.engine_factory(cfg.train, student=plan.ds_student, teacher=plan.ds_teacher)
 
     # Teacher: its own DeepSpeed config; partitioned at load time under ZeRO-3.
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
     teacher_model, teacher_engine = None, None
-    if cfg.teacher:
+    if plan.teacher_path is not None:
         with engines.load_context("teacher"):
-            teacher_model = models.freeze(models.load_pretrained(cfg.teacher.path, task, spec.num_labels, dtype))
-        if ds.zero_stage(t_ds) == 3:
+            teacher_model = models.freeze(models.load_pretrained(plan.teacher_path, task, plan.spec.num_labels, dtype))
+        if plan.teacher_zero3:
             teacher_engine = engines.initialize("teacher", teacher_model)
             teacher_engine.eval()
         else:
@@ -303,34 +170,20 @@ def setup(cfg: Config) -> Run:
     # Student: built rank-locally (copying teacher blocks needs full weights), partitioned by its engine.
     torch.manual_seed(cfg.train.seed)  # the same fresh heads/projections on every rank
     with engines.load_context("student" if cfg.student.init == "pretrained" else None):
-        student = models.build_student(cfg.student, cfg.teacher.path if cfg.teacher else None, task, spec.num_labels)
-    if teacher_model is not None:
-        models.check_vocab_sizes(teacher_model.config, student.config)
-    if task == "causal_lm":
-        for who, m in (("teacher", teacher_model), ("student", student)):
-            limit = getattr(getattr(m, "config", None), "max_position_embeddings", None)
-            if limit and cfg.data.max_length > limit:
-                raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds the {who}'s "
-                                  f"max_position_embeddings={limit}; lower data.max_length")
+        student = models.build_student(cfg.student, plan.teacher_path, task, plan.spec.num_labels)
     if cfg.student.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.train()
-    losses, weights = build_losses(cfg, student.config, teacher_model.config if teacher_model else None, task)
-    if task == "causal_lm" and cfg.data.packing and any("qkv" in loss.needs for loss in losses.values()):
+    losses, weights = plan.build_losses()
+    if causal_lm and cfg.data.packing and any("qkv" in lp.needs for lp in plan.losses):
         log.warning("packed rows: attention/relation losses compare scores over each row's whole causal prefix, "
                     "across document boundaries the models do not attend over; data.packing=false makes them exact")
     if cfg.student.freeze:
         student.requires_grad_(False)  # only the losses' own modules (TED filters, heads) train
     for loss in losses.values():
-        if hasattr(loss, "load_artifacts"):
-            loss.load_artifacts()  # e.g. TED's stage-I filters, loaded before the engine partitions them
+        loss.load_artifacts()  # e.g. TED's stage-I filters, loaded before the engine partitions them
     mixup = EmbeddingMixup(cfg.train.mixup_alpha, cfg.train.seed) if cfg.train.mixup else None
     module = DistillModule(student, losses, weights, mixup=mixup)
-    if module.ema is not None and ds.zero_stage(s_ds) == 3:
-        raise ConfigError("an EMA student (ema_decay) is not supported with a ZeRO-3 student; drop ema_decay to use "
-                          "the clean student forward, or use ZeRO 0/1/2")
-    if not any(p.requires_grad for p in module.parameters()):
-        raise ConfigError("nothing to train: student.freeze=true and no loss has trainable modules")
     teacher = (TeacherRunner(teacher_engine, module.teacher_taps(), mixup=mixup)
                if teacher_engine is not None else None)
 
@@ -339,20 +192,16 @@ def setup(cfg: Config) -> Run:
     optimizer = torch.optim.AdamW(_weight_decay_groups(module, cfg), lr=cfg.train.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(total_steps, cfg.train.warmup_ratio))
     engine = engines.initialize("student", module, optimizer=optimizer, lr_scheduler=scheduler)
-    run = Run(cfg=cfg, run_dir=run_dir, spec=spec, task=task, tokenizer=tokenizer, train_set=train_set,
+    run = Run(plan=plan, run_dir=run_dir, replaced=replaced, tokenizer=tokenizer, train_set=train_set,
               dev_set=dev_set, collate=collate, engine=engine, teacher=teacher, teacher_model=teacher_engine,
-              student_source=student_source)
-    run.batches = batches  # type: ignore[attr-defined]
-    run.mixup = mixup  # type: ignore[attr-defined]
-    run.total_steps = total_steps  # type: ignore[attr-defined]
-    run.ds_configs = {"student": s_ds, "teacher": t_ds}  # type: ignore[attr-defined]
+              batches=batches, total_steps=total_steps, mixup=mixup)
     if dist.is_main():
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         init_dir = run_dir / "student_init"
         init_dir.mkdir(exist_ok=True)
         student.config.save_pretrained(init_dir)
         tokenizer.save_pretrained(init_dir)
-        checkpoint.write_json(init_dir / "run_info.json", {"task": task, "student_source": student_source})
+        write_json(init_dir / "run_info.json", {"task": task, "student_source": plan.student_source})
     dist.barrier()
     return run
 
@@ -408,8 +257,7 @@ class _Log:
 
 def train(run: Run) -> dict[str, Any]:
     cfg, engine = run.cfg, run.engine
-    total_steps: int = run.total_steps  # type: ignore[attr-defined]
-    batches: ShardedBatches = run.batches  # type: ignore[attr-defined]
+    total_steps, batches = run.total_steps, run.batches
     logfile = _Log(run.run_dir / "log.jsonl")
     state = {"step": 0, "micro": 0, "best": None, "history": []}
     if cfg.train.resume:
@@ -437,7 +285,7 @@ def train(run: Run) -> dict[str, Any]:
     best_state = None
     step = state["step"]
     num_epochs = math.ceil(total_steps * cfg.train.grad_accum / batches.per_epoch)  # ramps: epoch / num_epochs
-    mixup = getattr(run, "mixup", None)
+    mixup = run.mixup
     while step < total_steps:
         epoch, skip = divmod(state["micro"], batches.per_epoch)
         for batch in batches(epoch, skip):
@@ -550,7 +398,7 @@ def finish(run: Run, result: dict[str, Any]) -> dict[str, Any]:
     if dist.is_main():
         provenance = {
             "teacher": cfg.teacher.path if cfg.teacher else None,
-            "student_init": {"init": cfg.student.init, "from": run.student_source, "layers": cfg.student.layers,
+            "student_init": {"init": cfg.student.init, "from": run.plan.student_source, "layers": cfg.student.layers,
                              "copied_blocks": getattr(student.config, "scaledkd_init", None)},
             "losses": [{"name": lc.name, "weight": lc.weight, "mapping": _mapping_of(run, i, lc), "params": lc.params}
                        for i, lc in enumerate(cfg.losses)],
@@ -573,9 +421,7 @@ def finish(run: Run, result: dict[str, Any]) -> dict[str, Any]:
             metrics["sample"] = evaluation.generate_sample(run.run_dir / "student", prompt)
             print(f"sample from the exported student: {prompt!r} -> {metrics['sample']['completion']!r}", flush=True)
         metrics["scaledkd_version"] = __version__
-        checkpoint.write_json(run.run_dir / FINISHED_MARKER, metrics)
-        for aside in run.run_dir.parent.glob(f"{run.run_dir.name}.replaced-*"):
-            shutil.rmtree(aside, ignore_errors=True)  # the run it replaced, kept until this one finished
+        write_json(run.run_dir / FINISHED_MARKER, metrics)
     dist.barrier()
     return metrics
 
@@ -590,8 +436,6 @@ def save_loss_artifacts(run: Run) -> list[Path]:
 
     written = []
     for loss in run.engine.module.losses.values():
-        if not hasattr(loss, "artifacts"):
-            continue
         params = [p for p in loss.parameters() if hasattr(p, "ds_id")]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
             files = loss.artifacts() if dist.is_main() else {}
@@ -627,7 +471,7 @@ def sts_zero_shot(run: Run) -> dict[str, float] | None:
             for i in range(0, len(texts), 64):
                 enc = run.tokenizer(texts[i:i + 64], padding=True, truncation=True,
                                     max_length=run.cfg.data.max_length, return_tensors="pt")
-                enc = to_device(dict(enc))
+                enc = to_device(dict(enc), dist.device())
                 hidden = evaluation.last_hidden(model(**model_inputs(enc))).float()
                 out.append(evaluation.mean_pool(hidden, enc["attention_mask"]).cpu())
             return torch.cat(out)
@@ -644,14 +488,22 @@ def sts_zero_shot(run: Run) -> dict[str, float] | None:
 
 
 def _mapping_of(run: Run, index: int, lc: LossConfig):
-    losses = list(run.engine.module.losses.values())
-    pairs = getattr(losses[index], "pairs", None)
-    return pairs if pairs is not None else lc.mapping
+    pairs = run.plan.losses[index].pairs
+    return [list(p) for p in pairs] if pairs is not None else lc.mapping
 
 
-def run_distillation(cfg: Config) -> dict[str, Any]:
-    """The whole job: set up, train, evaluate, export. Returns the metrics written to metrics.json."""
-    run = setup(cfg)
-    result = train(run)
-    return finish(run, result)
+def run_distillation(cfg: Config, plan: RunPlan | None = None) -> dict[str, Any]:
+    """The whole job: resolve, set up, train, evaluate, export. Returns the metrics written to metrics.json.
+
+    With ``overwrite=true`` the run it replaces is deleted only after this one finished and exported, and put
+    back if it fails.
+    """
+    run = setup(plan if plan is not None else resolve(cfg))
+    try:
+        metrics = finish(run, train(run))
+    except BaseException:
+        rundir.restore(run.run_dir, run.replaced)
+        raise
+    rundir.drop_replaced(run.replaced)
+    return metrics
 

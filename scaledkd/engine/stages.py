@@ -16,13 +16,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .. import checkpoint
+from ..build import RunDirError, check_run_dir, resolve
 from ..config import (
     STAGE_REF,
     Config,
@@ -35,8 +35,9 @@ from ..config import (
     TrainConfig,
     merge_section,
 )
-from . import dist
-from .run import FINISHED_MARKER, RunDirError, move_aside, refuse_finished, run_distillation, validate
+from ..files import FINISHED_MARKER, write_json, write_text_atomic
+from . import dist, rundir
+from .run import run_distillation
 
 log = logging.getLogger("scaledkd")
 
@@ -74,7 +75,6 @@ def stage_configs(cfg: Config, plan: bool = False) -> list[Config]:
     """
     if not cfg.stages:
         raise ConfigError("the recipe has no stages")
-    recipe = getattr(cfg, "_recipe_path", None)
     teacher = cfg.teacher
     origin: StudentConfig | None = None  # the spec the student chain was last built from (planning)
     previous: Path | None = None  # the previous student stage's folder
@@ -115,9 +115,7 @@ def stage_configs(cfg: Config, plan: bool = False) -> list[Config]:
                                               f"{where}.teacher")
             previous = folder
         stage_cfg = Config(output_dir=str(folder), student=student, data=data, losses=losses, teacher=stage_teacher,
-                           train=train, overwrite=False, plugins=list(cfg.plugins))
-        if recipe:
-            stage_cfg._recipe_path = recipe  # type: ignore[attr-defined]
+                           train=train, overwrite=False, plugins=list(cfg.plugins), recipe_path=cfg.recipe_path)
         out.append(stage_cfg)
         folders[stage.name] = folder
         export = folder / "student"
@@ -131,11 +129,13 @@ def stage_configs(cfg: Config, plan: bool = False) -> list[Config]:
 
 
 def validate_stages(cfg: Config) -> dict[str, Any]:
-    """``scaledkd validate`` for a staged recipe: every stage's config against its models and data."""
+    """``scaledkd validate`` for a staged recipe: the recipe's folder, then every stage's plan (as each stage
+    resolves it before it runs; a stage's folder is the stage runner's to judge)."""
+    check_run_dir(cfg, "staged run")
     report = []
     for stage, stage_cfg in zip(cfg.stages, stage_configs(cfg, plan=True), strict=True):
         try:
-            checked = validate(stage_cfg)
+            checked = resolve(stage_cfg, check_output=False).summary()
         except (ConfigError, ValueError) as err:
             raise type(err)(f"stage {stage.name!r}: {err}") from err
         report.append({"name": stage.name, "trains": stage.trains, "output_dir": stage_cfg.output_dir,
@@ -146,18 +146,14 @@ def validate_stages(cfg: Config) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ running
 
 
-def _prepare_root(cfg: Config) -> Path:
+def _prepare_root(cfg: Config) -> tuple[Path, Path | None]:
     """Check/create ``output_dir`` (rank 0 acts): a finished recipe is refused unless ``overwrite``, which moves
-    the old folder aside until the new run finishes."""
-    root = Path(cfg.output_dir)
+    the old folder aside until the new run finishes (and back if it fails)."""
+    root, aside = rundir.prepare(cfg, "staged run")  # an unfinished root is continued, not refused
     if dist.is_main():
-        refuse_finished(root, cfg, "staged run")
-        if cfg.overwrite and root.exists() and any(root.iterdir()):
-            move_aside(root)
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_text_atomic(root / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     dist.barrier()
-    return root
+    return root, aside
 
 
 def _same_config(folder: Path, stage_cfg: Config) -> list[str]:
@@ -184,12 +180,23 @@ def run_stages(cfg: Config) -> dict[str, Any]:
     if cfg.train.resume not in (None, "latest"):
         raise ConfigError(f"train.resume={cfg.train.resume!r}: a staged run resumes with train.resume=latest "
                           "(its first unfinished stage continues from that stage's latest checkpoint)")
-    root = _prepare_root(cfg)
+    root, aside = _prepare_root(cfg)
+    try:
+        summary = _run_all(cfg, root)
+    except BaseException:
+        rundir.restore(root, aside)
+        raise
+    rundir.drop_replaced(aside)
+    return summary
+
+
+def _run_all(cfg: Config, root: Path) -> dict[str, Any]:
     configs = stage_configs(cfg)
     results = []
     for i, (stage, stage_cfg) in enumerate(zip(cfg.stages, configs, strict=True)):
         folder = Path(stage_cfg.output_dir)
         label = f"stage {i + 1}/{len(configs)} {stage.name!r}"
+        partial = None
         if (folder / FINISHED_MARKER).exists():
             changed = _same_config(folder, stage_cfg)
             if changed:
@@ -207,16 +214,16 @@ def run_stages(cfg: Config) -> dict[str, Any]:
             if (folder / checkpoint.CHECKPOINTS / "latest").is_file():
                 stage_cfg.train.resume = "latest"
                 log.info("%s: resuming from its latest checkpoint", label)
-            else:
-                stage_cfg.overwrite = True  # nothing to resume from: the stage restarts (its partial run moved aside)
+            else:  # nothing to resume from: the stage restarts; its partial folder is kept aside until it finished
+                partial = rundir.move_aside(folder) if dist.is_main() else None
+                dist.barrier()
                 log.info("%s: no checkpoint to resume from; restarting the stage", label)
         log.info("%s: %s -> %s", label, "teacher" if stage.trains == "teacher" else "student", folder)
         results.append((stage, run_distillation(stage_cfg)))
+        rundir.drop_replaced(partial)
     summary = _summary(cfg, configs, results)
     if dist.is_main():
-        checkpoint.write_json(root / FINISHED_MARKER, summary)
-        for aside in root.parent.glob(f"{root.name}.replaced-*"):
-            shutil.rmtree(aside, ignore_errors=True)
+        write_json(root / FINISHED_MARKER, summary)
     dist.barrier()
     return summary
 

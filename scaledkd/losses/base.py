@@ -67,11 +67,29 @@ class LossSetup:
     causal: bool = False
 
 
+Artifacts = dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]  # file name -> (tensors, metadata)
+
+
 class DistillLoss(nn.Module):
-    """Base class: subclasses set ``needs`` and implement ``taps`` and ``forward``."""
+    """Base class: subclasses set ``needs`` and implement ``taps`` and ``forward``.
+
+    Optional capabilities are declared here with their defaults, so the engine reads them and never probes a loss
+    for attributes:
+
+    - ``pairs``: the resolved ``(student, teacher)`` layer pairs of a layer-wise loss (recorded in the export's
+      provenance); None for losses without a layer mapping.
+    - ``ema_decay``: a loss comparing against clean inputs (``needs`` has ``clean``) may ask for an EMA copy of the
+      student with this decay instead of the student itself.
+    - ``artifacts()`` / ``load_artifacts()``: files the loss leaves in the run folder when the run finishes (TED's
+      learned filters), and reading such files of an earlier stage before training.
+    - trainable modules: the loss's own parameters (projections, filters, heads) train with the student; a loss
+      without parameters has none (:attr:`trainable`).
+    """
 
     needs: ClassVar[Needs] = frozenset()
     tasks: ClassVar[frozenset[str] | None] = None  # None = any task
+    pairs: list[tuple[int, int]] | None = None
+    ema_decay: float | None = None
 
     def __init__(self, setup: LossSetup) -> None:
         super().__init__()
@@ -89,6 +107,18 @@ class DistillLoss(nn.Module):
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: LossBatch) -> torch.Tensor:
         raise NotImplementedError
+
+    @property
+    def trainable(self) -> bool:
+        """Whether the loss has parameters of its own that train (projections, filters, heads)."""
+        return any(p.requires_grad for p in self.parameters())
+
+    def artifacts(self) -> Artifacts:
+        """Files to write into the run folder when the run finishes: ``{file name: (tensors, metadata)}``."""
+        return {}
+
+    def load_artifacts(self) -> None:
+        """Read what an earlier stage's run left (its :meth:`artifacts`) before this run trains; nothing by default."""
 
 
 LOSSES: Registry[type[DistillLoss]] = Registry("loss")

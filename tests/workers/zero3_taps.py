@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from scaledkd import models
+from scaledkd import ds_config, models
 from scaledkd.config import TrainConfig
 from scaledkd.engine import dist, ds
 from scaledkd.engine.module import TeacherRunner
@@ -17,7 +17,8 @@ from scaledkd.taps import Tap
 def main(path: str, out: str) -> None:
     dist.init(120)
     train = TrainConfig(batch_size=2)
-    cfg = ds.teacher_ds_config(ds.read_ds_config("ds_configs/teacher_zero3.json"), train)
+    cfg = ds_config.teacher_ds_config(ds_config.read_ds_config("ds_configs/teacher_zero3.json"), train,
+                                     dist.world_size())
     with ds.load_context(cfg):
         sharded = models.freeze(models.load_pretrained(path, "classification", 2))
     partitioned = all(hasattr(p, "ds_id") for p in sharded.parameters())

@@ -1,0 +1,37 @@
+"""Tokenised splits and their collator: what a run (and ``scaledkd eval``) trains and evaluates on.
+
+One function for both, so a model is evaluated on exactly the rows it was evaluated on during its run.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+
+from scaledkd.config import DataConfig
+from scaledkd.data.collate import make_collator, tokenize_dataset
+from scaledkd.data.lm import load_documents, make_lm_collator, pack_documents
+from scaledkd.data.loading import Split, load_examples
+
+
+@dataclass
+class Prepared:
+    """A tokenised split and the collator that turns its rows into padded ``[B, L]`` batches."""
+
+    rows: datasets.Dataset
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
+
+
+def prepare_split(cfg: DataConfig, tokenizer: Any, split: Split, seed: int, *, causal_lm: bool) -> Prepared:
+    """Rows of one split: classification/regression/text examples tokenised to ``data.max_length``, or, for a
+    causal LM, documents packed into rows (training rows shuffled with ``seed``, the last partial row dropped;
+    held-out rows in order, the partial row kept)."""
+    if causal_lm:
+        train = split == "train"
+        rows = pack_documents(load_documents(cfg, split, seed), tokenizer, cfg.max_length, cfg.packing,
+                              shuffle_seed=seed if train else None, drop_remainder=train)
+        return Prepared(rows, make_lm_collator(tokenizer))
+    rows = tokenize_dataset(load_examples(cfg, split, seed), tokenizer, cfg.max_length)
+    return Prepared(rows, make_collator(tokenizer))
