@@ -60,15 +60,10 @@ def _load(items: list[str], *, need_recipe: bool):
 
 
 def _run(cfg) -> int:
-    from .engine.dist import prepare_environment
-
-    prepare_environment()
-    from .engine.run import run_distillation
-    from .engine.stages import run_stages
+    from .engine import run
     from .summary import print_summary
 
-    metrics = run_stages(cfg) if cfg.stages else run_distillation(cfg)
-    print_summary(cfg, metrics)
+    print_summary(cfg, run(cfg))
     return 0
 
 
@@ -83,11 +78,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .engine.run import validate
-    from .engine.stages import validate_stages
+    from .engine import validate
 
-    cfg = _load(args.items, need_recipe=True)
-    report = validate_stages(cfg) if cfg.stages else validate(cfg)
+    report = validate(_load(args.items, need_recipe=True))
     print(json.dumps({"ok": True, **report}, indent=2))
     return 0
 
@@ -220,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data import DataError
     from .build import RunDirError
-    from .engine.step import NonFiniteLoss
+    from .errors import NonFiniteLoss
 
     try:
         return args.func(args)

@@ -85,7 +85,8 @@ class StudentConfig:
     """How the student is built.
 
     Attributes:
-        init: ``teacher_layers`` copies the embeddings and chosen blocks of ``from_model`` (METHODS.md §3);
+        init: ``teacher_layers`` copies the embeddings and chosen blocks of ``from_model``
+            (docs/methods.md#student-initialisation);
             ``config`` builds a randomly initialised model from ``from_model``'s config with the overrides below;
             ``pretrained`` loads ``path`` as it is.
         layers: with ``teacher_layers``: ``lower``, ``upper``, ``uniform`` or a list of 1-based block numbers.
@@ -133,7 +134,8 @@ TASK_NAMES = get_args(TaskName)
 
 @dataclass
 class SupplementaryConfig:
-    """Extra unlabeled training inputs for label-free stages (CR-ILD's supplementary ILD data, METHODS.md §4).
+    """Extra unlabeled training inputs for label-free stages (CR-ILD's supplementary ILD data,
+    docs/methods.md#supplementary-ild-data).
 
     Attributes:
         task: where the inputs come from: a GLUE task (its training inputs; labels dropped), ``text``, ``csv`` or
@@ -297,8 +299,8 @@ class TrainConfig:
             and ``deepspeed`` otherwise. Both give the loop the same DeepSpeed engines.
         export: which student is exported: the ``final`` one or the ``best`` dev evaluation's.
         progress: show a progress bar (rank 0).
-        mixup: CR-ILD's embedding mixup (METHODS.md §4): teacher and student both see ``l*e + (1-l)*e[rev]`` of
-            their embedding outputs (same ``l ~ Beta(a, a)``, ``l = max(l, 1-l)``, reversed batch as partner,
+        mixup: CR-ILD's embedding mixup (docs/methods.md#mixup): teacher and student both see ``l*e + (1-l)*e[rev]``
+            of their embedding outputs (same ``l ~ Beta(a, a)``, ``l = max(l, 1-l)``, reversed batch as partner,
             union attention mask). Label-free losses only.
         mixup_alpha: ``a`` of the Beta distribution (1.0 = uniform, the paper's choice).
     """

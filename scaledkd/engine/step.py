@@ -6,12 +6,9 @@ import math
 
 import torch
 
+from ..errors import NonFiniteLoss
 from . import dist
 from .module import TeacherRunner
-
-
-class NonFiniteLoss(RuntimeError):
-    """A loss term became NaN/inf; the message names the step and the term."""
 
 
 def distill_step(engine, teacher: TeacherRunner | None, batch: dict[str, torch.Tensor]) -> dict[str, float]:
