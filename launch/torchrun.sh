@@ -14,11 +14,13 @@
 #                   lists; 1 without GPUs)
 #   MASTER_ADDR     node 0's address, reachable from every node (127.0.0.1)
 #   MASTER_PORT     rendezvous port on node 0, the same on every node (one node: a free port; several: 29500)
-#   SCALEDKD_ENTRY  what each process runs instead of "-m scaledkd.cli distill", e.g. "-m scaledkd.cli finetune"
-#                   or a script; the arguments given to this script follow it
+#   SCALEDKD_ENTRY  what each process runs instead of "-m scaledkd.cli distill train.resume=auto", e.g.
+#                   "-m scaledkd.cli finetune" or a script; the arguments given to this script follow it
 #   PYTHON          the interpreter with scaledkd installed (python3 on PATH, i.e. the active environment)
 #   DRY_RUN=1       print the torchrun command instead of running it
 # scaledkd picks NCCL on GPUs and gloo on CPU by itself; there is nothing to switch for the CPU variant.
+# SIGTERM or SIGUSR1 to this script: the workers finish their optimiser step, write a checkpoint and leave; the
+# script exits 75 and the same command continues the run (train.resume=auto is the default).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source-path=SCRIPTDIR source=common.sh
@@ -33,6 +35,9 @@ if [[ -z ${MASTER_PORT:-} ]]; then
 fi
 scaledkd_entry_args
 
-scaledkd_exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" \
+# SIGTERM/SIGUSR1 reach the workers (not torchrun, which would kill them): they checkpoint and leave with exit 75.
+rc=0
+scaledkd_supervise children "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" \
   --nproc_per_node "$NPROC_PER_NODE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-  "${SCALEDKD_ENTRY_ARGS[@]}" "$@"
+  "${SCALEDKD_ENTRY_ARGS[@]}" "$@" || rc=$?
+exit "$rc"

@@ -36,9 +36,10 @@ from .config import (
     stage_refs,
 )
 from .ds_config import read_ds_config, student_ds_config, teacher_ds_config, zero_stage
-from .files import FINISHED_MARKER
+from .files import FINISHED_MARKER, is_run_folder
 from .losses import LOSSES, DistillLoss, LossSetup, build_loss
 from .models import TaskKind
+from .resume import check_resume
 from .taps import Tap
 
 log = logging.getLogger("scaledkd")
@@ -96,6 +97,8 @@ class RunPlan:
         ds_teacher, ds_student: the resolved DeepSpeed configs (``auto`` filled).
         losses: the loss terms, in recipe order.
         train_examples, dev_examples: examples (documents for ``lm``) in each split.
+        resume_from: the complete checkpoint ``(checkpoints root, tag)`` the run continues from, checked against
+            the config (:mod:`scaledkd.resume`); None for a fresh start.
     """
 
     cfg: Config
@@ -112,6 +115,7 @@ class RunPlan:
     losses: list[LossPlan]
     train_examples: int
     dev_examples: int
+    resume_from: tuple[Path, str] | None = None
 
     @property
     def tokenizer_source(self) -> str:
@@ -185,8 +189,10 @@ def resolve(cfg: Config, *, world_size: int | None = None, check_output: bool = 
             raise ConfigError(f"plugins: cannot import {plugin!r} ({err})") from None
     spec = data.task_spec(cfg.data)
     task = task_kind(spec)
+    resume_from = None
     if check_output:
         check_run_dir(cfg)
+        resume_from = check_resume(cfg)  # before any model: a bad resume target or a changed config fails fast
 
     # Losses and data first: they fail on the recipe alone, before any model config is read.
     source = student_source(cfg)
@@ -230,7 +236,7 @@ def resolve(cfg: Config, *, world_size: int | None = None, check_output: bool = 
     return RunPlan(cfg=cfg, spec=spec, task=task, world_size=world_size, teacher_path=teacher_path,
                    student_source=source, student_layers=layers, teacher_config=t_config, student_config=s_config,
                    ds_teacher=ds_teacher, ds_student=ds_student, losses=losses, train_examples=n_train,
-                   dev_examples=n_dev)
+                   dev_examples=n_dev, resume_from=resume_from)
 
 
 def _check_positions(cfg: Config, configs: tuple[tuple[str, Any], ...]) -> None:
@@ -313,11 +319,17 @@ def check_run_dir(cfg: Config, what: str = "run") -> None:
             f"output_dir {str(run_dir)!r} already holds a finished {what} ({FINISHED_MARKER}); pass overwrite=true "
             "to replace it (the old run is moved aside first) or choose another output_dir"
         )
-    if what == "run" and run_dir.is_dir() and any(run_dir.iterdir()) and not cfg.train.resume and not cfg.overwrite:
-        raise RunDirError(
-            f"output_dir {str(run_dir)!r} is not empty; resume an interrupted run with train.resume=latest, "
-            "pass overwrite=true (the old contents are moved aside), or choose another output_dir"
-        )
+    if what == "run" and run_dir.is_dir() and any(run_dir.iterdir()) and not cfg.overwrite:
+        if not cfg.train.resume:
+            raise RunDirError(
+                f"output_dir {str(run_dir)!r} is not empty; resume an interrupted run with train.resume=latest (or "
+                "auto), pass overwrite=true (the old contents are moved aside), or choose another output_dir"
+            )
+        if cfg.train.resume == "auto" and not is_run_folder(run_dir):
+            raise RunDirError(
+                f"output_dir {str(run_dir)!r} is not empty and holds no scaledkd run to resume "
+                "(train.resume=auto); choose another output_dir"
+            )
 
 
 # ------------------------------------------------------------------------------------------ baseline

@@ -45,9 +45,12 @@ def _setup_logging() -> None:
 
 
 def _recipe_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
-    if items and "=" not in items[0]:
-        return items[0], items[1:]
-    return None, items
+    """The recipe is the one item without ``=``, wherever it stands (launchers put their defaults, such as
+    ``train.resume=auto``, first); the overrides keep their order, so a later one wins."""
+    recipes = [item for item in items if "=" not in item]
+    if len(recipes) > 1:
+        raise SystemExit(f"error: one RECIPE at most, got {recipes}; overrides look like key.sub=value")
+    return (recipes[0] if recipes else None), [item for item in items if "=" in item]
 
 
 def _load(items: list[str], *, need_recipe: bool):
@@ -60,10 +63,10 @@ def _load(items: list[str], *, need_recipe: bool):
 
 
 def _run(cfg) -> int:
-    from .engine import run
+    from .engine import run_recipe
     from .summary import print_summary
 
-    print_summary(cfg, run(cfg))
+    print_summary(cfg, run_recipe(cfg))
     return 0
 
 
@@ -78,9 +81,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .engine import validate
+    from .engine import validate_recipe
 
-    report = validate(_load(args.items, need_recipe=True))
+    report = validate_recipe(_load(args.items, need_recipe=True))
     print(json.dumps({"ok": True, **report}, indent=2))
     return 0
 
@@ -213,10 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data import DataError
     from .build import RunDirError
-    from .errors import NonFiniteLoss
+    from .errors import PREEMPTED_EXIT, NonFiniteLoss, Preempted
 
     try:
         return args.func(args)
+    except Preempted as err:
+        print(f"scaledkd: {err}", file=sys.stderr)
+        return PREEMPTED_EXIT
     except (ConfigError, DataError, RunDirError, NonFiniteLoss, FileNotFoundError) as err:
         print(f"scaledkd: error: {err}", file=sys.stderr)
         return 2

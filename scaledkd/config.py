@@ -289,8 +289,18 @@ class TrainConfig:
             their inputs, fp32 accumulation; several times faster on Ampere and later). Ignored without a GPU, so a
             CPU run of the same recipe is plain fp32. Off by default: it changes results in the 4th digit.
         eval_every: dev evaluation every N optimiser steps (0 = only at the end).
-        save_every: checkpoint every N optimiser steps (0 = only at the end).
-        resume: a checkpoint folder (``<run>/checkpoints/step_N``) or ``latest``.
+        save_every: checkpoint every N optimiser steps (0 = no step-based checkpoints). A checkpoint is also
+            written every ``save_every_min`` minutes, whichever comes first, at the end of the run, and when the job
+            is asked to stop (SIGTERM / SIGUSR1).
+        save_every_min: checkpoint every this many minutes of training (0 = no time-based checkpoints).
+        keep_checkpoints: keep the newest N complete checkpoints (older ones are deleted once a newer one is
+            complete; 0 keeps them all).
+        resume: ``latest`` (the newest complete checkpoint; an error when there is none), ``auto`` (the newest
+            complete checkpoint, or a fresh start when there is none: what a requeued job needs), or a checkpoint
+            folder (``<run>/checkpoints/step_N``).
+        resume_allow_changes: config keys (``train.lr``, ``data.max_length``, ...) that may differ from the
+            checkpointed run's on resume; any other difference in a key that changes the trajectory is refused.
+            Allowed changes are recorded in ``config_history.yaml``.
         dist_timeout_s: process-group timeout; short in tests so a hang fails fast.
         backend: who builds the DeepSpeed engines. ``deepspeed`` calls ``deepspeed.initialize`` directly;
             ``accelerate`` goes through Accelerate's DeepSpeed integration with two named plugins, ``student`` and
@@ -319,8 +329,11 @@ class TrainConfig:
     tf32: bool = False
     log_every: int = 10
     eval_every: int = 0
-    save_every: int = 0
+    save_every: int = 500
+    save_every_min: float = 30.0
+    keep_checkpoints: int = 2
     resume: str | None = None
+    resume_allow_changes: list[str] = field(default_factory=list)
     dist_timeout_s: int = 1800
     backend: Literal["auto", "deepspeed", "accelerate"] = "auto"
     export: Literal["final", "best"] = "final"
@@ -333,7 +346,7 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_steps", "epochs", "lr", "log_every", "dist_timeout_s",
                      "mixup_alpha"):
             _positive(f"train.{name}", getattr(self, name))
-        for name in ("weight_decay", "grad_clip", "eval_every", "save_every"):
+        for name in ("weight_decay", "grad_clip", "eval_every", "save_every", "save_every_min", "keep_checkpoints"):
             _positive(f"train.{name}", getattr(self, name), allow_zero=True)
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")

@@ -9,3 +9,11 @@ from __future__ import annotations
 
 class NonFiniteLoss(RuntimeError):
     """A loss term became NaN/inf; the message names the step and the term."""
+
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: the job stopped on request with a checkpoint; run it again to continue
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGUSR1 stopped the run after a checkpoint; ``train.resume=auto`` (or ``latest``) continues it.
+    The CLI exits with :data:`PREEMPTED_EXIT`."""

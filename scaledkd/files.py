@@ -27,3 +27,14 @@ def write_text_atomic(path: Path, text: str) -> None:
 def write_json(path: Path, data: Any, *, indent: int = 2, sort_keys: bool = False) -> None:
     """Write JSON atomically (:func:`write_text_atomic`); values JSON cannot hold are written as ``str``."""
     write_text_atomic(path, json.dumps(data, indent=indent, sort_keys=sort_keys, default=str) + "\n")
+
+
+# What a folder written by scaledkd holds (a single run, or a staged recipe's root): config.yaml plus one of these.
+RUN_MARKERS = (FINISHED_MARKER, "student_init", "checkpoints", "log.jsonl", "student")
+
+
+def is_run_folder(path: Path) -> bool:
+    """Whether ``path`` holds a scaledkd run (or a staged recipe's root): its ``config.yaml`` and run files."""
+    if not (path / "config.yaml").is_file():
+        return False
+    return any((path / m).exists() for m in RUN_MARKERS) or any(path.glob("stage_*"))

@@ -213,7 +213,7 @@ def test_torchrun_dry_run_is_the_documented_command():
                     MASTER_ADDR="node-a", MASTER_PORT="29555", NPROC_PER_NODE="8")
     assert cmd == [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", "1",
                    "--nproc_per_node", "8", "--master_addr", "node-a", "--master_port", "29555",
-                   "-m", "scaledkd.cli", "distill", "recipes/r.yaml", "train.max_steps=5"]
+                   "-m", "scaledkd.cli", "distill", "train.resume=auto", "recipes/r.yaml", "train.max_steps=5"]
 
 
 def test_deepspeed_dry_run_uses_the_hostfile_and_the_module_entry():
@@ -221,7 +221,7 @@ def test_deepspeed_dry_run_uses_the_hostfile_and_the_module_entry():
                     NNODES="2", NUM_GPUS="8")
     assert cmd == [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", "launch/hostfile.example",
                    "--num_nodes", "2", "--num_gpus", "8", "--master_port", "29500",
-                   "--module", "scaledkd.cli", "distill", "recipes/r.yaml", "train.lr=1e-4"]
+                   "--module", "scaledkd.cli", "distill", "train.resume=auto", "recipes/r.yaml", "train.lr=1e-4"]
     # One machine: no hostfile flag, a free port.
     [cmd] = dry_run("deepspeed.sh", "recipes/r.yaml")
     assert "--hostfile" not in cmd and int(cmd[cmd.index("--master_port") + 1]) > 0
@@ -239,7 +239,7 @@ def test_single_node_sbatch_dry_run_takes_gpus_and_port_from_slurm():
     assert cmd[cmd.index("--nproc_per_node") + 1] == "8"
     assert cmd[cmd.index("--master_port") + 1] == "15777"
     assert cmd[cmd.index("--master_addr") + 1] == "gpu-1"
-    assert cmd[-4:] == ["-m", "scaledkd.cli", "distill", "recipes/r.yaml"]
+    assert cmd[-5:] == ["-m", "scaledkd.cli", "distill", "train.resume=auto", "recipes/r.yaml"]
 
 
 def test_multi_node_sbatch_dry_run_in_a_job_uses_one_srun_task_per_node(tmp_path):

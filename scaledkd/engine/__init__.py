@@ -1,5 +1,6 @@
-"""The engine's two entry points, for every command and launcher: :func:`run` a config (single or staged) and
-:func:`validate` it. Everything else in this package is reached through them.
+"""The engine's two entry points, for every command and launcher: :func:`run_recipe` runs a config (single or
+staged) and :func:`validate_recipe` checks it. Everything else in this package is reached through them. (Not named
+``run``: that is the ``engine.run`` module.)
 
 Imports are deferred so that the process environment (``DS_ACCELERATOR``, the rendezvous variables) is set before
 DeepSpeed is first imported.
@@ -11,7 +12,7 @@ from typing import Any
 from ..config import Config
 
 
-def run(cfg: Config) -> dict[str, Any]:
+def run_recipe(cfg: Config) -> dict[str, Any]:
     """Resolve and run ``cfg`` (every stage of a staged recipe, in order); returns its ``metrics.json``."""
     from .dist import prepare_environment
 
@@ -22,8 +23,8 @@ def run(cfg: Config) -> dict[str, Any]:
     return run_stages(cfg) if cfg.stages else run_distillation(cfg)
 
 
-def validate(cfg: Config) -> dict[str, Any]:
-    """Every check ``run`` makes before its first step, without training: the resolved plan as a report."""
+def validate_recipe(cfg: Config) -> dict[str, Any]:
+    """Every check :func:`run_recipe` makes before its first step, without training: the resolved plan as a report."""
     from .run import validate as validate_single
     from .stages import validate_stages
 

@@ -81,6 +81,16 @@ def mean_across_ranks(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def any_across_ranks(flags: list[bool]) -> list[bool]:
+    """Element-wise OR of boolean flags over ranks (one small all-reduce): every rank takes the same decision
+    (stop, save) even when only one rank's clock or signal asked for it."""
+    if world_size() <= 1:
+        return list(flags)
+    values = torch.tensor([float(f) for f in flags])
+    torch_dist.all_reduce(values, op=torch_dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
+
+
 def broadcast_object(obj):
     if world_size() <= 1:
         return obj

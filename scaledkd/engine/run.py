@@ -24,14 +24,17 @@ import yaml
 from .. import __version__, checkpoint, data, evaluation, models
 from ..build import RunPlan, resolve
 from ..config import Config, LossConfig
+from ..errors import Preempted
 from ..export import gather_student_state, save_student
 from ..files import FINISHED_MARKER, write_json, write_text_atomic
 from ..inputs import eval_batches as _eval_batches
 from ..inputs import model_inputs, to_device
 from ..mixup import EmbeddingMixup
+from ..resume import record_changes
 from . import accel, dist, rundir
 from .batches import ShardedBatches
 from .module import DistillModule, TeacherRunner
+from .signals import StopRequests
 from .step import distill_step
 
 log = logging.getLogger("scaledkd")
@@ -196,6 +199,8 @@ def _setup(plan: RunPlan, run_dir: Path, replaced: Path | None) -> Run:
               dev_set=dev_set, collate=collate, engine=engine, teacher=teacher, teacher_model=teacher_engine,
               batches=batches, total_steps=total_steps, mixup=mixup)
     if dist.is_main():
+        if plan.resume_from is not None:
+            record_changes(run_dir, cfg, plan.resume_from)  # allowed changes, before config.yaml shows the new values
         write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         init_dir = run_dir / "student_init"
         init_dir.mkdir(exist_ok=True)
@@ -257,13 +262,14 @@ class _Log:
 
 def train(run: Run) -> dict[str, Any]:
     cfg, engine = run.cfg, run.engine
-    total_steps, batches = run.total_steps, run.batches
+    total_steps = run.total_steps
     logfile = _Log(run.run_dir / "log.jsonl")
     state = {"step": 0, "micro": 0, "best": None, "history": []}
-    if cfg.train.resume:
-        root, tag = checkpoint.resolve(run.run_dir, cfg.train.resume)
+    if run.plan.resume_from is not None:
+        root, tag = run.plan.resume_from
         state = checkpoint.load(engine, root, tag)
         log.info("resumed from %s at step %d", root / tag, state["step"])
+        logfile.write({"event": "resumed", "step": state["step"], "checkpoint": str(root / tag)})
 
     teacher_score = None
     if run.task == "agnostic" and state["step"] == 0:
@@ -278,6 +284,31 @@ def train(run: Run) -> dict[str, Any]:
 
         bar = tqdm(total=total_steps, initial=state["step"], desc="distill" if run.teacher else "train",
                    unit="step", dynamic_ncols=True)
+    keep = cfg.train.keep_checkpoints or None
+    last_save = time.monotonic()
+    with StopRequests() as stops:
+        step, best_state = _loop(run, state, logfile, bar, stops, keep, last_save)
+    if bar is not None:
+        bar.close()
+
+    final = evaluate(run)
+    _record_eval(state, step, final, logfile)
+    if step > 0 and not (run.run_dir / checkpoint.CHECKPOINTS / f"step_{step}").is_dir():
+        checkpoint.save(engine, run.run_dir, step, state, keep=keep)  # the end: `scaledkd export` works afterwards
+    final_state = gather_student_state(engine.module)
+    exported = "final"
+    if cfg.train.export == "best" and state["best"] and state["best"]["step"] != step and best_state is not None:
+        final_state, exported = best_state, f"best (step {state['best']['step']})"
+    return {"state": state, "final": final, "teacher": teacher_score, "student_state": final_state,
+            "exported": exported, "steps": step}
+
+
+def _loop(run: Run, state: dict[str, Any], logfile: _Log, bar, stops: StopRequests, keep: int | None,
+          last_save: float) -> tuple[int, Any]:
+    """Optimiser steps until ``run.total_steps``; checkpoints on schedule and on a stop request (then
+    :class:`Preempted`). Returns the last step and the best evaluation's student state (``export: best``)."""
+    cfg, engine = run.cfg, run.engine
+    total_steps, batches = run.total_steps, run.batches
     window: dict[str, float] = {}
     window_n = 0
     tic = time.perf_counter()
@@ -316,23 +347,22 @@ def train(run: Run) -> dict[str, Any]:
                 _record_eval(state, step, scores, logfile)
                 if cfg.train.export == "best" and state["best"] and state["best"]["step"] == step:
                     best_state = gather_student_state(engine.module)
-            if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total_steps:
-                checkpoint.save(engine, run.run_dir, step, state)
+            on_schedule = bool(cfg.train.save_every and step % cfg.train.save_every == 0)
+            on_time = bool(cfg.train.save_every_min and time.monotonic() - last_save >= 60 * cfg.train.save_every_min)
+            stop, save = dist.any_across_ranks([stops.requested, on_schedule or on_time])
+            if (save or stop) and (step < total_steps or stop):
+                checkpoint.save(engine, run.run_dir, step, state, keep=keep)
+                last_save = time.monotonic()
+            if stop:
+                logfile.write({"event": "stopped", "step": step, "signal": stops.received or "another rank's"})
+                raise Preempted(
+                    f"stopped on {stops.received or 'a stop request on another rank'} after step {step} of "
+                    f"{total_steps}, with a checkpoint in {run.run_dir / checkpoint.CHECKPOINTS}; run the same command "
+                    "with train.resume=auto (or latest) to continue"
+                )
             if step >= total_steps:
                 break
-    if bar is not None:
-        bar.close()
-
-    final = evaluate(run)
-    _record_eval(state, step, final, logfile)
-    if cfg.train.save_every:
-        checkpoint.save(engine, run.run_dir, step, state)
-    final_state = gather_student_state(engine.module)
-    exported = "final"
-    if cfg.train.export == "best" and state["best"] and state["best"]["step"] != step and best_state is not None:
-        final_state, exported = best_state, f"best (step {state['best']['step']})"
-    return {"state": state, "final": final, "teacher": teacher_score, "student_state": final_state,
-            "exported": exported, "steps": step}
+    return step, best_state
 
 
 def _record_eval(state: dict[str, Any], step: int, scores: dict[str, float], logfile: _Log) -> None:
@@ -501,6 +531,8 @@ def run_distillation(cfg: Config, plan: RunPlan | None = None) -> dict[str, Any]
     run = setup(plan if plan is not None else resolve(cfg))
     try:
         metrics = finish(run, train(run))
+    except Preempted:
+        raise  # resumable where it is: the run it replaced stays aside until the resumed run finishes
     except BaseException:
         rundir.restore(run.run_dir, run.replaced)
         raise

@@ -14,21 +14,10 @@ from pathlib import Path
 
 from ..build import RunDirError, check_run_dir
 from ..config import Config
-from ..files import FINISHED_MARKER
+from ..files import is_run_folder
 from . import dist
 
 log = logging.getLogger("scaledkd")
-
-# What a folder written by scaledkd holds (a single run, or a staged recipe's root); config.yaml plus one of these.
-RUN_MARKERS = (FINISHED_MARKER, "student_init", "checkpoints", "log.jsonl", "student")
-
-
-def is_run_folder(path: Path) -> bool:
-    """Whether ``path`` holds a scaledkd run (or a staged recipe's root): its ``config.yaml`` and run files."""
-    if not (path / "config.yaml").is_file():
-        return False
-    return any((path / m).exists() for m in RUN_MARKERS) or any(path.glob("stage_*"))
-
 
 def prepare(cfg: Config, what: str = "run") -> tuple[Path, Path | None]:
     """Create or reuse ``output_dir``; returns it and, with ``overwrite=true``, where the old run was moved.

@@ -177,9 +177,9 @@ def _same_config(folder: Path, stage_cfg: Config) -> list[str]:
 def run_stages(cfg: Config) -> dict[str, Any]:
     """Run (or continue) every stage in order; returns the summary written to ``<output_dir>/metrics.json``."""
     dist.init(cfg.train.dist_timeout_s)
-    if cfg.train.resume not in (None, "latest"):
-        raise ConfigError(f"train.resume={cfg.train.resume!r}: a staged run resumes with train.resume=latest "
-                          "(its first unfinished stage continues from that stage's latest checkpoint)")
+    if cfg.train.resume not in (None, "latest", "auto"):
+        raise ConfigError(f"train.resume={cfg.train.resume!r}: a staged run resumes with train.resume=latest or "
+                          "auto (its first unfinished stage continues from that stage's latest checkpoint)")
     root, aside = _prepare_root(cfg)
     try:
         summary = _run_all(cfg, root)
