@@ -1,0 +1,398 @@
+"""Process peak RSS per rank for a Llama teacher distilled across torchrun/gloo ranks (issue 13).
+
+The driver builds (once, cached) a random-weight Llama teacher saved as safetensors shards plus a byte-level BPE
+tokenizer trained on the TinyStories subset, writes a forward-KL recipe, and launches
+
+    torchrun --nproc_per_node N  benchmarks/scale.py worker  distill RECIPE key=value ...
+
+Each worker is ``scaledkd.cli.main`` itself with phase markers wrapped around the engine's functions (nothing in
+scaledkd is changed): ``load`` (``run.setup``: teacher load, student build, engines), ``teacher_eval`` (the
+teacher's held-out perplexity before training), ``steps`` (``distill_step`` calls), ``final_eval`` and
+``finish`` (export, latency probe). Sub-markers inside ``load`` (teacher loaded, student built, teacher/student
+engine built) and per step are logged with the rank's RSS at that moment.
+
+A monitor thread in the driver samples every rank's RSS (``/proc/PID/statm`` via psutil) every ``--interval``
+seconds and attributes each sample to the phase the rank was in, so the table shows the process's own sampled
+peak, not an accounting of tensors.
+
+Examples::
+
+    # the issue-13 measurement: 230M teacher, 2 ranks, L=128, batch 2, 2 steps, teacher ZeRO-3 vs replicated
+    python benchmarks/scale.py --size 230m --teacher-ds ds_configs/teacher_zero3.json --label t3
+    python benchmarks/scale.py --size 230m --teacher-ds ds_configs/teacher_replicated.json --label rep
+    # one hypothesis at a time: an env var for the ranks, or a recipe override
+    python benchmarks/scale.py --teacher-ds /tmp/t3_live0.json --label t3-live0
+    python benchmarks/scale.py --env MALLOC_ARENA_MAX=2 --label t3-arena2
+
+Results are appended to ``benchmarks/results/scale.json`` (one record per run; the per-job markers and raw samples
+stay in ``--work``/jobs/LABEL) and ``scale.md`` is rewritten from it. Without ``--full`` the ranks exit right
+after the last step (no final eval, latency probe or export; the last step's loss is then not logged). Workers
+read ``SCALE_MALLOC_TRIM=1`` (``malloc_trim(0)`` at every marker). Hypotheses are tested through recipe overrides
+(``--override``), DeepSpeed JSONs (``--teacher-ds``/``--student-ds``) or ``--env``, so every row is reproducible with
+the plain CLI.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+DATA = Path(os.environ.get("SCALEDKD_SHARED_DATA", REPO.parent / "shared" / "data")) / "lm"
+
+# name -> (hidden, intermediate, layers, heads, vocab); parameter counts with untied embeddings
+SIZES = {
+    "20m": (256, 688, 4, 4, 32000),      # ~ 20 M (smoke test)
+    "100m": (768, 2048, 8, 12, 32000),   # ~106 M
+    "230m": (1024, 2816, 13, 16, 32000),  # ~232 M, 0.87 GiB fp32 (issue 13)
+    "1b": (2048, 5632, 16, 16, 32000),   # ~953 M
+}
+
+
+# ------------------------------------------------------------------------------------------------ worker side
+
+
+def worker(argv: list[str]) -> int:
+    """One rank: ``scaledkd.cli.main(argv)`` with phase markers written to ``$SCALE_MARKERS/rank<R>.jsonl``."""
+    import ctypes
+    import functools
+
+    rank = int(os.environ.get("RANK", "0"))
+    out = Path(os.environ["SCALE_MARKERS"]) / f"rank{rank}.jsonl"
+    trim = os.environ.get("SCALE_MALLOC_TRIM") == "1"
+    libc = ctypes.CDLL("libc.so.6") if trim else None
+
+    _phase = ["start"]
+
+    def mark(phase: str, **extra) -> None:
+        _phase[0] = phase
+        if libc is not None:
+            libc.malloc_trim(0)
+        rss, anon = _status(os.getpid())
+        with out.open("a") as f:
+            f.write(json.dumps({"t": time.time(), "pid": os.getpid(), "phase": phase, "rss": rss, "anon": anon,
+                                **extra}) + "\n")
+
+    mark("start")
+    import scaledkd
+    from scaledkd import cli, models
+    from scaledkd.engine import accel, run
+
+    mark("imported", event=f"scaledkd from {Path(scaledkd.__file__).parent}")
+
+    def wrap(owner, name, before=None, after=None):
+        fn = getattr(owner, name)
+
+        @functools.wraps(fn)
+        def inner(*a, **k):
+            if before:
+                before(*a, **k)
+            result = fn(*a, **k)
+            if after:
+                after(*a, **k)
+            return result
+
+        setattr(owner, name, inner)
+
+    state = {"step": 0, "eval": 0}
+    wrap(run, "setup", before=lambda *a, **k: mark("load"), after=lambda *a, **k: mark("load_done"))
+    wrap(models, "load_pretrained", after=lambda path, *a, **k: mark("load", event=f"loaded {Path(path).name}"))
+    wrap(models, "build_student", after=lambda *a, **k: mark("load", event="student built"))
+    for cls in (accel.DeepSpeedEngines, getattr(accel, "AccelerateEngines", None)):
+        if cls is not None and hasattr(cls, "initialize"):
+            wrap(cls, "initialize", after=lambda self, role, *a, **k: mark("load", event=f"{role} engine"))
+
+    def before_eval(r, model=None):
+        mark("teacher_eval" if model is not None else ("final_eval" if state["step"] else "eval"))
+
+    def before_step(*a, **k):
+        state["step"] += 1
+        mark("steps", event=f"step {state['step']} begins")
+
+    wrap(run, "evaluate", before=before_eval, after=lambda *a, **k: mark("between"))
+    stop_after = int(os.environ.get("SCALE_STOP_AFTER_STEPS", "0"))
+
+    def after_step(*a, **k):
+        mark("steps", event=f"step {state['step']} ends")
+        if stop_after and state["step"] >= stop_after:  # skip final eval/latency probe/export (short runs)
+            mark("exit", event="stopped after the steps")
+            os._exit(0)
+
+    wrap(run, "distill_step", before=before_step, after=after_step)
+    wrap(run, "finish", before=lambda *a, **k: mark("finish"), after=lambda *a, **k: mark("end"))
+    for name in ("measure_latency", "gather_student_state", "save_student"):  # inside train()'s end and finish()
+        if hasattr(run, name):
+            wrap(run, name, before=lambda *a, _n=name, **k: mark(_phase[0], event=f"{_n} begins"),
+                 after=lambda *a, _n=name, **k: mark(_phase[0], event=f"{_n} ends"))
+    rc = cli.main(argv)
+    mark("exit")
+    return rc
+
+
+# ------------------------------------------------------------------------------------------------ driver side
+
+
+def build_teacher(size: str, folder: Path, max_position: int, shard: str) -> Path:
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers import models as tok_models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    hidden, inter, layers, heads, vocab = SIZES[size]
+    folder.mkdir(parents=True, exist_ok=True)
+    text = (DATA / "tinystories_subset.txt").read_text().splitlines()
+    tok = Tokenizer(tok_models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=min(vocab, 4096), special_tokens=["<pad>", "<s>", "</s>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+                            ).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_position,
+                         tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder, max_shard_size=shard, safe_serialization=True)
+    n = sum(p.numel() for p in model.parameters())
+    (folder / "scale_params.json").write_text(json.dumps({"params": n, "size": size}))
+    return folder
+
+
+def write_recipe(path: Path, teacher: Path, args) -> Path:
+    import yaml
+
+    recipe = {
+        "output_dir": str(path.parent / "run"),
+        "overwrite": True,
+        "teacher": {"path": str(teacher), "ds_config": args.teacher_ds},
+        "student": {"init": "teacher_layers", "layers": "lower", "num_layers": args.student_layers,
+                    "ds_config": args.student_ds},
+        "data": {"task": "lm", "data_dir": str(DATA), "train_file": "tinystories_subset.txt", "documents": "line",
+                 "max_length": args.length, "heldout_fraction": 0.05, "max_train_samples": args.train_docs,
+                 "max_eval_samples": args.eval_docs},
+        "losses": [{"name": "lm_kd", "params": {"divergence": "forward_kl"}}],
+        "train": {"batch_size": args.batch, "max_steps": args.steps, "lr": 1e-4, "log_every": 1, "eval_every": 0,
+                  "progress": False, "dist_timeout_s": 600, "warmup_ratio": 0.0},
+    }
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _status(pid: int) -> tuple[int, int]:
+    """(VmRSS, RssAnon) in bytes: RssAnon leaves out file-backed pages (an mmapped safetensors teacher shows in
+    VmRSS of every rank but is one shared page-cache copy)."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "RssAnon:")):
+                key, value = line.split(":")
+                fields[key] = int(value.split()[0]) * 1024
+    return fields["VmRSS"], fields["RssAnon"]
+
+
+class Monitor(threading.Thread):
+    """Samples the RSS of every rank process (the torchrun children running this file's ``worker``)."""
+
+    def __init__(self, root_pid: int, interval: float) -> None:
+        super().__init__(daemon=True)
+        import psutil
+
+        self.psutil = psutil
+        self.root = psutil.Process(root_pid)
+        self.interval = interval
+        self.samples: list[tuple[float, int, int, int]] = []  # (time, pid, rss, anonymous rss)
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                kids = self.root.children(recursive=True)
+            except self.psutil.Error:
+                break
+            now = time.time()
+            for p in kids:
+                try:
+                    if "worker" in p.cmdline():
+                        self.samples.append((now, p.pid, *_status(p.pid)))
+                except self.psutil.Error:
+                    pass
+            self.stop.wait(self.interval)
+
+
+def attribute(samples, markers, which: int = 2):
+    """Peak RSS per (rank, phase): each sample belongs to the latest marker of its pid at or before it.
+    ``which``: 2 = VmRSS, 3 = RssAnon (sample tuple index)."""
+    out: dict[int, dict[str, float]] = {}
+    for rank, events in markers.items():
+        pid = events[-1]["pid"]
+        mine = [(s[0], s[which]) for s in samples if s[1] == pid]
+        peaks: dict[str, float] = {}
+        for e in events:  # marker RSS counts too (a sample may miss a short spike; a marker sees its moment)
+            phase = "load" if e["phase"] == "load_done" else e["phase"]
+            peaks[phase] = max(peaks.get(phase, 0), e["rss"] if which == 2 else e.get("anon", 0))
+        for t, rss in mine:
+            phase = "start"
+            for e in events:
+                if e["t"] <= t:
+                    phase = "load" if e["phase"] == "load_done" else e["phase"]
+            peaks[phase] = max(peaks.get(phase, 0), rss)
+        peaks["overall"] = max(peaks.values())
+        out[rank] = {k: v / 2**30 for k, v in peaks.items()}
+    return out
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "worker":
+        return worker(sys.argv[2:])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="230m", choices=sorted(SIZES))
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--teacher-ds", default="ds_configs/teacher_zero3.json")
+    p.add_argument("--student-ds", default="ds_configs/zero3.json")
+    p.add_argument("--student-layers", type=int, default=2)
+    p.add_argument("--length", type=int, default=128)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--train-docs", type=int, default=2000, help="data.max_train_samples (documents before packing)")
+    p.add_argument("--eval-docs", type=int, default=16, help="data.max_eval_samples")
+    p.add_argument("--shard", default="200MB", help="save_pretrained(max_shard_size=...)")
+    p.add_argument("--interval", type=float, default=0.25, help="RSS sampling period, seconds")
+    p.add_argument("--env", action="append", default=[], metavar="K=V", help="extra environment for the ranks")
+    p.add_argument("--override", action="append", default=[], metavar="key=value", help="extra recipe overrides")
+    p.add_argument("--src", default=str(REPO),
+                   help="folder whose scaledkd/ package the ranks import (PYTHONPATH), e.g. a `git archive HEAD` "
+                        "snapshot while the working tree is being edited")
+    p.add_argument("--full", action="store_true",
+                   help="run the whole job (final eval, latency probe, export); default: the ranks exit after the "
+                        "last step")
+    p.add_argument("--label", default=None)
+    p.add_argument("--work", default=os.environ.get("SCALE_WORK", "/tmp/scaledkd_scale"))
+    p.add_argument("--results", default=str(RESULTS / "scale.json"))
+    args = p.parse_args()
+
+    work = Path(args.work)
+    teacher = build_teacher(args.size, work / f"teacher_{args.size}", max(512, args.length), args.shard)
+    label = args.label or f"{Path(args.teacher_ds).stem}+{Path(args.student_ds).stem}"
+    job = work / "jobs" / label.replace("/", "_")
+    markers = job / "markers"
+    if job.exists():
+        import shutil
+
+        shutil.rmtree(job)
+    markers.mkdir(parents=True)
+    recipe = write_recipe(job / "recipe.yaml", teacher, args)
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                              "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(Path(args.src).resolve()),
+               SCALE_MARKERS=str(markers))
+    if not args.full:
+        env["SCALE_STOP_AFTER_STEPS"] = str(args.steps)
+    for kv in args.env:
+        k, _, v = kv.partition("=")
+        env[k] = v
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
+           "--master_port", str(free_port()), str(Path(__file__).resolve()), "worker",
+           "distill", str(recipe), *args.override]
+    print("+", " ".join(f"{k}={shlex.quote(v)}" for k, v in (kv.partition("=")[::2] for kv in args.env)),
+          shlex.join(cmd), flush=True)
+    t0 = time.time()
+    with (job / "stdout.log").open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        mon = Monitor(proc.pid, args.interval)
+        mon.start()
+        rc = proc.wait()
+        mon.stop.set()
+        mon.join()
+    wall = time.time() - t0
+    if rc != 0:
+        print((job / "stdout.log").read_text()[-5000:])
+        print(f"run failed (rc={rc})")
+        return rc
+    events = {int(f.stem[4:]): [json.loads(x) for x in f.read_text().splitlines()] for f in markers.glob("rank*.jsonl")}
+    peaks = attribute(mon.samples, events)
+    anon = attribute(mon.samples, events, which=3)
+    steps = [e for e in events[0] if e["phase"] == "steps"]
+    begins = [e["t"] for e in steps if e.get("event", "").endswith("begins")]
+    ends = [e["t"] for e in steps if e.get("event", "").endswith("ends")]
+    s_per_step = (ends[-1] - begins[0]) / len(begins) if begins else None
+    run_dir = job / "run"
+    losses = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()] if (run_dir / "log.jsonl").exists() else []
+    params = json.loads((teacher / "scale_params.json").read_text())["params"]
+    record = {
+        "label": label, "size": args.size, "teacher_params": params, "nproc": args.nproc,
+        "teacher_ds": args.teacher_ds, "student_ds": args.student_ds, "student_layers": args.student_layers,
+        "length": args.length, "batch": args.batch, "steps": args.steps, "env": args.env,
+        "overrides": args.override, "src": args.src, "interval_s": args.interval, "wall_s": round(wall, 1),
+        "s_per_step": s_per_step, "samples": len(mon.samples),
+        "peak_gib": {str(r): {k: round(v, 3) for k, v in ph.items()} for r, ph in sorted(peaks.items())},
+        "peak_anon_gib": {str(r): {k: round(v, 3) for k, v in ph.items()} for r, ph in sorted(anon.items())},
+        "events": {str(r): [{"phase": e["phase"], "event": e.get("event"), "rss_gib": round(e["rss"] / 2**30, 3),
+                             "anon_gib": round(e.get("anon", 0) / 2**30, 3), "t": round(e["t"] - events[r][0]["t"], 2)} for e in ev] for r, ev in sorted(events.items())},
+        "losses": [x.get("loss") for x in losses if "step" in x and "event" not in x],
+        "command": shlex.join([sys.executable, "benchmarks/scale.py", *sys.argv[1:]]),
+    }
+    (job / "samples.json").write_text(json.dumps(mon.samples))
+    path = Path(args.results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = json.loads(path.read_text()) if path.exists() else []
+    records = [r for r in records if r["label"] != label] + [record]
+    path.write_text(json.dumps(records, indent=1) + "\n")
+    path.with_suffix(".md").write_text(markdown(records))
+    for r, ph in sorted(peaks.items()):
+        print(f"rank {r} rss : " + "  ".join(f"{k}={v:.2f}" for k, v in ph.items()))
+        print(f"rank {r} anon: " + "  ".join(f"{k}={v:.2f}" for k, v in anon[r].items()))
+    print(f"s/step={s_per_step}  wall={wall:.0f}s  losses={record['losses']}")
+    return 0
+
+
+PHASES = ("load", "teacher_eval", "steps", "final_eval", "finish", "overall")
+
+
+def markdown(records: list[dict]) -> str:
+    lines = ["# Peak RSS per rank (benchmarks/scale.py)", "",
+             ("Sampled process RSS (GiB) per rank and phase: `load` = `run.setup` (teacher load, student build, "
+             "engines), `teacher_eval` = the teacher's held-out perplexity before training, `steps` = the "
+             "`distill_step` calls, `final_eval`, `finish` (latency probe, export; only with `--full`). Each cell is "
+             "`rank0 / rank1` VmRSS, then RssAnon (without file-backed pages such as an mmapped safetensors teacher, "
+             "which every rank counts but the page cache holds once)."),
+             "", "| label | teacher | teacher ds | student ds | ranks | L x B x steps | env / overrides | "
+             + " | ".join(PHASES) + " | s/step |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(PHASES) + "---|"]
+    for r in records:
+        cells = []
+        for ph in PHASES:
+            vals = [r["peak_gib"][k].get(ph) for k in sorted(r["peak_gib"])]
+            anon = [r.get("peak_anon_gib", {}).get(k, {}).get(ph) for k in sorted(r["peak_gib"])]
+            cell = " / ".join("-" if v is None else f"{v:.2f}" for v in vals)
+            if any(a is not None for a in anon):
+                cell += " (anon " + " / ".join("-" if v is None else f"{v:.2f}" for v in anon) + ")"
+            cells.append(cell)
+        extra = " ".join(r["env"] + r["overrides"]) or "-"
+        sps = f"{r['s_per_step']:.1f}" if r["s_per_step"] else "-"
+        lines.append(f"| {r['label']} | {r['size']} ({r['teacher_params'] / 1e6:.0f} M) | {Path(r['teacher_ds']).name} "
+                     f"| {Path(r['student_ds']).name} | {r['nproc']} | {r['length']}x{r['batch']}x{r['steps']} | "
+                     f"`{extra}` | " + " | ".join(cells) + f" | {sps} |")
+    lines += ["", "Commands:", ""] + [f"- {r['label']}: `{r['command']}`" for r in records]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
