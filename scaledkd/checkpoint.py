@@ -19,6 +19,7 @@ folder); DeepSpeed's node-local-storage mode is not supported.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -54,6 +55,60 @@ class CheckpointError(ValueError):
 
 class NoCheckpoint(FileNotFoundError):
     """No complete checkpoint where one was asked for; the message names the folder."""
+
+
+class DiskFull(OSError):
+    """No space left on the device while writing a checkpoint or an export; the message names the folder, and
+    what was being written was removed (the previous checkpoint or export is untouched)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+FULL_BELOW = 1 << 20  # bytes free under which a failed write is put down to a full disk
+
+
+def free_bytes(path: Path) -> int | None:
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def is_disk_full(err: BaseException, folder: Path) -> bool:
+    """Whether a failed write into ``folder`` ran out of space: ENOSPC/EDQUOT anywhere in the exception chain, the
+    words a library uses for it, or (for the errors C++ writers raise without an errno, such as torch.save's
+    ``basic_ios::clear: iostream error``) less than :data:`FULL_BELOW` bytes left on the device."""
+    seen: BaseException | None = err
+    for _ in range(10):
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(words in str(seen) for words in ("No space left", "StorageFull", "Disk quota exceeded")):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if not isinstance(err, (OSError, RuntimeError)):
+        return False
+    free = free_bytes(folder)
+    return free is not None and free < FULL_BELOW
+
+
+def format_bytes(n: int | None) -> str:
+    if n is None:
+        return "unknown"
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover
 
 
 # ------------------------------------------------------------------------------------------ RNG state
@@ -235,22 +290,40 @@ def save(engine, run_dir: Path, step: int, loop_state: dict[str, Any], *, keep: 
             if leftover.is_dir() and _step_of(leftover.name[1:].rsplit(".", 1)[0]) is not None:
                 shutil.rmtree(leftover, ignore_errors=True)  # what a killed save or deletion left behind
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=partial_tag, client_state={"scaledkd": loop_state}, save_latest=False)
-    torch.save(_rng_state(), staging / f"rng_rank{dist.rank()}.pt")
-    dist.barrier()  # every rank has written its files
-    _write_manifest(staging, tag, step)  # each rank flushes and hashes its own; rank 0 writes the manifest
-    if dist.is_main():
-        final = root / tag
-        if final.exists():  # the same step saved before (a run resumed from an earlier checkpoint)
-            _remove(final)
-        staging.rename(final)
-        _fsync_dir(root)
-        write_text_atomic(root / LATEST, tag)
-        _fsync_dir(root)
-        if keep is not None:
-            _retain(root, tag, keep)
+    try:
+        engine.save_checkpoint(str(root), tag=partial_tag, client_state={"scaledkd": loop_state}, save_latest=False)
+        torch.save(_rng_state(), staging / f"rng_rank{dist.rank()}.pt")
+        dist.barrier()  # every rank has written its files
+        _write_manifest(staging, tag, step)  # each rank flushes and hashes its own; rank 0 writes the manifest
+        if dist.is_main():
+            final = root / tag
+            if final.exists():  # the same step saved before (a run resumed from an earlier checkpoint)
+                _remove(final)
+            staging.rename(final)
+            _fsync_dir(root)
+            write_text_atomic(root / LATEST, tag)
+            _fsync_dir(root)
+    except Exception as err:
+        if not is_disk_full(err, root):
+            raise
+        free = free_bytes(root)
+        shutil.rmtree(staging, ignore_errors=True)  # never looked complete (no manifest); gives the space back
+        previous = _latest_name(root)
+        kept = (f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint")
+        raise DiskFull(f"no space left on device while writing checkpoint {tag} in {root} ({format_bytes(free)} "
+                       f"free); {kept} and nothing half-written was kept: free some space (or lower "
+                       "train.keep_checkpoints) and run the same command with train.resume=auto") from err
+    if dist.is_main() and keep is not None:
+        _retain(root, tag, keep)
     dist.barrier()
     return root / tag
+
+
+def _latest_name(root: Path) -> str | None:
+    try:
+        return (root / LATEST).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def _retain(root: Path, newest: str, keep: int) -> None:

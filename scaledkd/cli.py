@@ -229,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # invalid values found while building models/losses
         print(f"scaledkd: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk (checkpoint.DiskFull), a read-only or unwritable folder: named in err
+        print(f"scaledkd: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

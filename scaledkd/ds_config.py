@@ -96,4 +96,10 @@ def teacher_ds_config(raw: dict[str, Any], train: TrainConfig, world_size: int) 
     _fill(cfg, "train_batch_size", train.batch_size * world_size)
     _precision(cfg, train.precision)
     cfg.setdefault("steps_per_print", 10**9)
+    if stage == 3:
+        # A forward-only teacher has nothing to overlap a prefetch with, and DeepSpeed's prefetch re-arms at every
+        # sub-module up to stage3_max_live_parameters (1e9 by default): each forward gathered the whole teacher on
+        # every rank (measured: +0.8 GiB per rank at 233M, benchmarks/results/scale.md). Each module's shards are
+        # fetched when it runs instead; a config that sets the key keeps its value.
+        cfg.setdefault("zero_optimization", {}).setdefault("stage3_prefetch_bucket_size", 0)
     return cfg

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .model_card import CARD_FILE, render_card
 from .engine import dist
 
 PROVENANCE_FILE = "scaledkd_provenance.json"
@@ -111,9 +112,20 @@ def save_student(
         (staged.path / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
         if config_yaml is not None:
             (staged.path / CONFIG_FILE).write_text(config_yaml)
+        (staged.path / CARD_FILE).write_text(render_card(record, student.config, str(record.get("task"))))
         staged.commit()
-    except BaseException:
+    except BaseException as err:
+        from .checkpoint import DiskFull, format_bytes, free_bytes, is_disk_full
+
+        full = isinstance(err, Exception) and is_disk_full(err, out_dir.parent)  # before abort gives space back
+        free = free_bytes(out_dir.parent) if full else None
         staged.abort()
+        if full:
+            before = ("the earlier export there is untouched" if is_model_folder(out_dir) else
+                      "nothing was left there")
+            raise DiskFull(f"no space left on device while writing the export {str(out_dir)!r} "
+                           f"({format_bytes(free)} free); {before}: free some space and export again (scaledkd export RUN OUT; a run's "
+                           "last checkpoint is kept for this)") from err
         raise
     return out_dir
 

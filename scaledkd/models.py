@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import logging
+import pickle
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -68,18 +70,70 @@ def _task_kwargs(task: TaskKind, num_labels: int) -> dict:
     return {}
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def _check_config_file(path: str, folder: Path) -> None:
+    """A local model folder must hold a readable JSON ``config.json``; the error names the file and why."""
+    file = folder / "config.json"
+    if not file.is_file():
+        hint = (" (a scaledkd run keeps its exported student in <run>/student)"
+                if (folder / "student").is_dir() or (folder / "checkpoints").is_dir() else "")
+        raise ValueError(f"model folder {path!r} has no config.json: it is not a Hugging Face model folder{hint}")
+    try:
+        loaded = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"model {path!r}: {str(file)!r} is not UTF-8 text ({err.reason} at byte {err.start})") \
+            from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"model {path!r}: {str(file)!r} is not valid JSON (line {err.lineno}, column {err.colno}: "
+                         f"{err.msg}); the file is truncated or was edited by hand") from None
+    except OSError as err:
+        raise ValueError(f"model {path!r}: cannot read {str(file)!r} ({err.strerror or err})") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"model {path!r}: {str(file)!r} is not a JSON object")
+
+
 def load_config(path: str, task: TaskKind, num_labels: int = 0) -> PretrainedConfig:
-    return AutoConfig.from_pretrained(resolve_model_path(path), **_task_kwargs(task, num_labels))
+    """The model's config with the task's head settings. A local folder's ``config.json`` is checked first, so a
+    missing, truncated or invalid one is an error naming the file (not a transformers traceback)."""
+    local = resolve_model_path(path)
+    folder = Path(local).expanduser()
+    if folder.is_dir():
+        _check_config_file(path, folder)
+    try:
+        return AutoConfig.from_pretrained(local, **_task_kwargs(task, num_labels))
+    except OSError as err:  # a hub id offline or unknown; a local file transformers could not read
+        raise ValueError(f"model {path!r} cannot be loaded: {err}") from None
 
 
 def load_pretrained(path: str, task: TaskKind, num_labels: int = 0, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """Load a pretrained model with the head the task needs (classification head with ``num_labels``,
-    a regression head, a bare encoder, or a causal-LM head)."""
+    a regression head, a bare encoder, or a causal-LM head).
+
+    Raises:
+        ValueError: the config or the weights cannot be read (missing, truncated, corrupt); the message names the
+            file.
+    """
+    from safetensors import SafetensorError
+
     local = resolve_model_path(path)
     config = load_config(path, task, num_labels)
     check_supported(config, path)
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = auto_class(task).from_pretrained(local, config=config, **kwargs)
+    try:
+        model = auto_class(task).from_pretrained(local, config=config, **kwargs)
+    except (SafetensorError, EOFError, pickle.UnpicklingError, OSError) as err:
+        folder = Path(local).expanduser()
+        files = [str(folder / name) for name in WEIGHT_FILES if (folder / name).is_file()] if folder.is_dir() else []
+        where = f" from {files[0]!r}" if len(files) == 1 else (f" from {files}" if files else "")
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if folder.is_dir() and not files:
+            raise ValueError(f"model folder {path!r} has no weights ({' or '.join(WEIGHT_FILES[::2])}): {first}") \
+                from None
+        hint = "; the file is truncated or corrupt (an interrupted copy or download?): copy it again" if files else ""
+        raise ValueError(f"model {path!r}: cannot load its weights{where}: {first}{hint}") from None
     return model
 
 

@@ -178,3 +178,19 @@ def test_finetune_of_every_shipped_distillation_recipe_runs(recipe, tmp_path, mo
     assert saved["teacher"] is None and saved["stages"] == []
     assert [loss["name"] for loss in saved["losses"]] == (["lm_task"] if lm else ["task"])
     assert (out / "student" / "model.safetensors").is_file()
+
+
+def test_a_zero3_teacher_does_not_prefetch_unless_asked():
+    """DeepSpeed's prefetch gathered the whole forward-only teacher on every rank (benchmarks/results/scale.md):
+    a ZeRO-3 teacher config fetches each module when it runs unless the JSON sets the bucket itself."""
+    from scaledkd.config import TrainConfig
+    from scaledkd.ds_config import read_ds_config, teacher_ds_config
+
+    train = TrainConfig()
+    resolved = teacher_ds_config({"zero_optimization": {"stage": 3}}, train, 2)
+    assert resolved["zero_optimization"]["stage3_prefetch_bucket_size"] == 0
+    mine = teacher_ds_config({"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 1000}}, train, 2)
+    assert mine["zero_optimization"]["stage3_prefetch_bucket_size"] == 1000
+    shipped = teacher_ds_config(read_ds_config("ds_configs/teacher_zero3.json"), train, 2)
+    assert shipped["zero_optimization"]["stage3_prefetch_bucket_size"] == 0
+    assert "stage3_prefetch_bucket_size" not in teacher_ds_config({}, train, 2).get("zero_optimization", {})

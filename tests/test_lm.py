@@ -442,6 +442,9 @@ def test_distill_causal_lm_exports_reloadable_student(lm_assets, tmp_path, capsy
     assert saved["teacher"]["perplexity"] > 1 and saved["final"]["tokens"] == saved["teacher"]["tokens"]
     assert saved["sample"]["prompt"] and isinstance(saved["sample"]["completion"], str)
     assert "sample from the exported student" in capsys.readouterr().out
+    assert (out / "generation_config.json").is_file()  # a decoder export generates with its own settings
+    card = (out / "README.md").read_text()
+    assert "AutoModelForCausalLM" in card and "perplexity" in card and "`lm_kd`" in card
     steps = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert {"loss", "lm_kd", "lm_task", "hidden_mse"} <= set(next(x for x in steps if x.get("step") == 1))
 

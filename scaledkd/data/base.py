@@ -61,6 +61,22 @@ class TaskSpec:
         return len(self.text_fields) == 2
 
 
+def not_utf8(path: Path, what: str, err: UnicodeDecodeError) -> DataError:
+    """A :class:`DataError` for a file that is not UTF-8 text, naming the file, the 1-based line and the byte."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError:
+        raw = b""
+    for number, line in enumerate(raw.splitlines(keepends=True), 1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            return DataError(f"{what} {str(path)!r} is not UTF-8 text: line {number}, byte {bad.start + 1} of the "
+                             f"line ({bad.object[bad.start:bad.end]!r}: {bad.reason}); re-save it as UTF-8")
+    return DataError(f"{what} {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start}); re-save it as "
+                     "UTF-8")
+
+
 def data_dir(configured: str | None) -> Path | None:
     """The data directory: ``data.data_dir`` when set, else ``$SCALEDKD_DATA_DIR``, else ``None``."""
     value = configured or os.environ.get(DATA_DIR_ENV)

@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from scaledkd.data.base import DataError, TaskSpec, logger
+from scaledkd.data.base import DataError, TaskSpec, logger, not_utf8
 
 _BINARY = ("0", "1")
 _NLI2 = ("entailment", "not_entailment")
@@ -101,6 +101,13 @@ def read_glue_tsv(task: str, path: str | Path, split: str = "train") -> list[dic
     labeled = split != "test"
     if not path.is_file():
         raise DataError(f"GLUE file {str(path)!r} does not exist")
+    try:
+        return _read_rows(task, spec, path, labeled)
+    except UnicodeDecodeError as err:
+        raise not_utf8(path, "GLUE file", err) from None
+
+
+def _read_rows(task: str, spec: TaskSpec, path: Path, labeled: bool) -> list[dict[str, Any]]:
     # utf-8-sig drops MRPC's byte-order mark; newline="" lets csv see "\r\n" itself.
     with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)

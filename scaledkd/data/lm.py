@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from scaledkd.config import DataConfig
-from scaledkd.data.base import SPLIT_SEED, DataError, logger, resolve_file, seeded_split, seeded_subset
+from scaledkd.data.base import SPLIT_SEED, DataError, logger, not_utf8, resolve_file, seeded_split, seeded_subset
 from scaledkd.data.tabular import read_table
 from scaledkd.data.text import BUILTIN_PREFIX, python_docs_text
 
@@ -97,7 +97,7 @@ def _read_documents(cfg: DataConfig, name: str, key: str) -> tuple[list[str], li
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise DataError(f"{key}: text file {str(path)!r} is not UTF-8 ({err})") from None
+        raise not_utf8(path, f"{key}: text file", err) from None
     docs = split_documents(text, cfg.documents)
     return [""] * len(docs), docs
 

@@ -5,7 +5,7 @@ import math
 import re
 from pathlib import Path
 
-from scaledkd.data.base import DataError
+from scaledkd.data.base import DataError, not_utf8
 
 BUILTIN_PREFIX = "builtin:"
 BUILTINS = ("python-docs",)
@@ -148,5 +148,5 @@ def read_corpus(name: str, path: Path | None) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise DataError(f"text corpus {str(path)!r} is not UTF-8 ({err})") from None
+        raise not_utf8(path, "text corpus", err) from None
     return corpus_examples(text)

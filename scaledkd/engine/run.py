@@ -437,8 +437,8 @@ def finish(run: Run, result: dict[str, Any]) -> dict[str, Any]:
                      "label_noise": cfg.data.label_noise, "train_examples": len(run.train_set),
                      "supplementary": dataclasses.asdict(cfg.data.supplementary) if cfg.data.supplementary else None},
             "mixup": {"alpha": cfg.train.mixup_alpha} if cfg.train.mixup else None,
-            "seed": cfg.train.seed, "steps": result["steps"], "exported": result["exported"],
-            "final": result["final"], "best": result["state"]["best"],
+            "task": run.task, "seed": cfg.train.seed, "steps": result["steps"], "exported": result["exported"],
+            "final": result["final"], "best": result["state"]["best"], "teacher_scores": result["teacher"],
         }
         student_cfg = student.config
         if hasattr(student_cfg, "scaledkd_init"):
