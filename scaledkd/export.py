@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .model_card import CARD_FILE, render_card
 from .engine import dist
 
 PROVENANCE_FILE = "scaledkd_provenance.json"
@@ -111,6 +112,7 @@ def save_student(
         (staged.path / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
         if config_yaml is not None:
             (staged.path / CONFIG_FILE).write_text(config_yaml)
+        (staged.path / CARD_FILE).write_text(render_card(record, student.config, str(record.get("task"))))
         staged.commit()
     except BaseException as err:
         from .checkpoint import DiskFull, format_bytes, free_bytes, is_disk_full
