@@ -163,8 +163,12 @@ def lm_base(tmp_path_factory) -> Path:
 
 def stand_in_outputs(recipe_text: str, workdir: Path, request) -> None:
     """Create the earlier recipes' outputs a recipe reads: ``runs/teacher_<task>/student`` as links to the
-    pre-trained MiniLM, ``runs/lm_demo/{base,teacher/student}`` as links to :func:`lm_base`'s."""
-    for rel in set(re.findall(r"runs/teacher_\w+/student", recipe_text)):
+    pre-trained MiniLM, ``runs/lm_demo/{base,teacher/student}`` as links to :func:`lm_base`'s. Not inside the recipe's
+    own ``output_dir``: that is what it writes (a fine-tuning recipe names its own export in its comments)."""
+    import yaml
+
+    own = str((yaml.safe_load(recipe_text) or {}).get("output_dir") or "\0")
+    for rel in set(re.findall(r"runs/teacher_\w+/student", recipe_text)) - {f"{own}/student"}:
         target = workdir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         if not target.exists():

@@ -453,8 +453,8 @@ def test_distill_causal_lm_exports_reloadable_student(lm_assets, tmp_path, capsy
                                "--max-length", "32", "--batch-size", "3"], capsys)
     assert code == 0, err
     assert json.loads(text)["perplexity"] == pytest.approx(saved["final"]["perplexity"], rel=1e-5)
-    with pytest.raises(SystemExit, match="--task lm needs --file"):
-        cli.main(["eval", str(out), "--task", "lm"])
+    code, _, err = run_cli(["eval", str(out), "--task", "lm"], capsys)
+    assert code == 2 and "--task lm needs --file" in err
 
 
 def test_finetune_causal_lm_without_teacher(lm_assets, tmp_path, capsys):
