@@ -437,25 +437,73 @@ def resolve(run_dir: Path, resume: str, *, checksums: bool = True, what: str = "
     raise (NoCheckpoint if answer[0] == "NoCheckpoint" else CheckpointError)(answer[1])
 
 
+def _safe_globals() -> list[Any]:
+    """The only non-container types a DeepSpeed checkpoint of ours holds (allow-listed for ``weights_only``)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def _load_weights_only(path: str | Path, map_location: Any = None) -> Any:
+    """``torch.load`` that unpickles only tensors, plain containers and :func:`_safe_globals`: a crafted checkpoint
+    is refused with :class:`CheckpointError` before any of its code can run."""
+    with torch.serialization.safe_globals(_safe_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+            why = next((ln for ln in lines if "Unsupported" in ln or "WeightsUnpickler" in ln), lines[0] if lines else "")
+            raise CheckpointError(f"{path} holds objects a scaledkd checkpoint never contains ({why[:300]}); refused "
+                                  "to unpickle it (only tensors and plain data are loaded)") from None
+
+
+class _WeightsOnlyEngine:
+    """DeepSpeed's checkpoint engine with its ``load`` (``weights_only=False``) replaced by
+    :func:`_load_weights_only`; everything else is the wrapped engine's."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return _load_weights_only(path, map_location)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def verify_pickles(folder: Path) -> None:
+    """Unpickle every ``*.pt`` of a checkpoint with ``weights_only=True`` (raises :class:`CheckpointError` on a
+    crafted one): a check before code that would unpickle them freely (DeepSpeed's ``zero_to_fp32``)."""
+    for path in sorted(Path(folder).glob("*.pt")):
+        _load_weights_only(path, "cpu")
+
+
 def load(engine, root: Path, tag: str) -> dict[str, Any]:
     """Load a checkpoint into ``engine``; returns scaledkd's loop state and restores this rank's RNG.
 
-    The manifest and file sizes are checked first (checksums are checked by :func:`resolve`). Our RNG files are
-    read with ``weights_only=True``; DeepSpeed's own ``load_checkpoint`` still unpickles its files.
+    The manifest and file sizes are checked first (checksums are checked by :func:`resolve`). Every file, ours and
+    DeepSpeed's, is unpickled with ``weights_only=True`` (DeepSpeed's loader is swapped for the duration), so an
+    untrusted checkpoint cannot run code.
     """
     folder = Path(root) / tag
     why = problem(folder, checksums=False)
     if why is not None:
         raise CheckpointError(f"cannot resume from {folder}: {why}")
+    original = engine.checkpoint_engine
+    engine.checkpoint_engine = _WeightsOnlyEngine(original)
     try:
         _, client = engine.load_checkpoint(str(root), tag=tag)
     except (AssertionError, OSError, EOFError, RuntimeError, KeyError) as err:
         raise CheckpointError(f"cannot resume from {folder}: DeepSpeed could not load it ({err})") from err
+    finally:
+        engine.checkpoint_engine = original
     if client is None or "scaledkd" not in client:
         raise CheckpointError(f"cannot resume from {folder}: DeepSpeed found no scaledkd loop state in it")
     rng = folder / f"rng_rank{dist.rank()}.pt"
     if rng.is_file():
-        _set_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
+        _set_rng_state(_load_weights_only(rng, "cpu"))
     else:
         manifest = read_manifest(folder) or {}
         log.warning("%s has no RNG state for rank %d (it was written by %s ranks); random draws after the resume "
@@ -466,21 +514,18 @@ def load(engine, root: Path, tag: str) -> dict[str, Any]:
 def consolidated_state(root: Path, tag: str) -> dict[str, torch.Tensor]:
     """Full fp32 state dict of a checkpoint on one process, whatever world size or ZeRO stage wrote it.
 
-    A ZeRO-0 checkpoint is read with ``weights_only=True``; ZeRO shards are read by DeepSpeed's
-    ``zero_to_fp32``, which unpickles them.
+    A ZeRO-0 checkpoint is read with ``weights_only=True``; ZeRO shards are read by DeepSpeed's ``zero_to_fp32``,
+    which unpickles them freely, so every file is first checked with ``weights_only=True`` (:func:`verify_pickles`).
     """
     folder = Path(root) / tag
     if list(folder.glob("*zero_pp_rank_*optim_states.pt")) or list(folder.glob("*zero_pp_rank_*model_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        verify_pickles(folder)
         state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)  # DeepSpeed unpickles its files
         if state:
             return state
     files = sorted(folder.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise FileNotFoundError(f"{folder} holds no DeepSpeed model states")
-    try:
-        return torch.load(files[0], map_location="cpu", weights_only=True)["module"]
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(f"{files[0]} holds objects other than tensors and plain data; refused to unpickle "
-                              f"it ({str(err).splitlines()[0]})") from err
+    return _load_weights_only(files[0], "cpu")["module"]
