@@ -93,6 +93,10 @@ REFUSALS = {
     "foreign_output_dir": (_foreign_files, "is not empty"),
     "output_dir_is_a_file": (_output_is_a_file, "is a file, not a folder"),
     "missing_data_dir": (lambda r, t: r["data"].update(data_dir=str(t / "nowhere")), "nowhere"),
+    "hub_id_while_offline": (lambda r, t: r["teacher"].update(path="no-such-org/no-such-model"),
+                             "no-such-org/no-such-model"),
+    "resume_without_checkpoint": (_set("train", batch_size=8, max_steps=3, lr=1e-3, log_every=1, progress=False,
+                                       dist_timeout_s=120, resume="latest"), "no checkpoint in"),
 }
 
 
@@ -194,3 +198,12 @@ def test_a_zero3_teacher_does_not_prefetch_unless_asked():
     shipped = teacher_ds_config(read_ds_config("ds_configs/teacher_zero3.json"), train, 2)
     assert shipped["zero_optimization"]["stage3_prefetch_bucket_size"] == 0
     assert "stage3_prefetch_bucket_size" not in teacher_ds_config({}, train, 2).get("zero_optimization", {})
+
+
+def test_a_recipe_that_is_not_yaml_is_a_message(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("output_dir: runs/x\nstudent: {init: [\n")
+    for command in ("validate", "distill"):
+        assert cli.main([command, str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert "is not valid YAML" in err and str(bad) in err and "Traceback" not in err
