@@ -181,3 +181,13 @@ def stand_in_outputs(recipe_text: str, workdir: Path, request) -> None:
             target.symlink_to(source, target_is_directory=True)
 
 
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """A random 4-block BERT teacher with MiniLM's tokenizer and a learnable GLUE-format SST-2 folder
+    (:mod:`tests.tiny`), shared by every test that distils end to end."""
+    from tests.tiny import make_sst2, make_tiny_bert
+
+    root = tmp_path_factory.mktemp("tiny_assets")
+    return make_tiny_bert(root / "teacher"), make_sst2(root / "glue")

@@ -15,13 +15,12 @@ from scaledkd import cli
 from scaledkd.build import baseline, resolve
 from scaledkd.config import config_from_dict, load_config
 from tests.conftest import stand_in_outputs
-from tests.tiny import REPO, SHARED_DATA, make_sst2, make_tiny_bert, tiny_recipe, write_recipe
+from tests.tiny import REPO, SHARED_DATA, tiny_recipe, write_recipe
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    return make_tiny_bert(root / "teacher"), make_sst2(root / "glue")
+@pytest.fixture
+def assets(tiny_assets):
+    return tiny_assets
 
 
 @pytest.fixture(autouse=True)

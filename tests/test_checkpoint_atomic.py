@@ -18,7 +18,7 @@ import torch
 
 from scaledkd import checkpoint
 from scaledkd.config import config_from_dict
-from tests.tiny import REPO, make_sst2, make_tiny_bert, tiny_recipe
+from tests.tiny import REPO, make_sst2, make_tiny_bert, small_engine, tiny_recipe
 
 LOSSES = [{"name": "task", "weight": 0.5}, {"name": "logit_kd", "weight": 0.5}]
 
@@ -64,20 +64,8 @@ def full_run(assets, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine():
-    """A DeepSpeed engine (ZeRO-0, one small layer, one optimiser step taken), for saving into any folder."""
-    import deepspeed
-
-    from scaledkd.engine import dist
-
-    dist.init(120)
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 2)
-    config = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.1),
-                                      config=config)
-    engine.backward(engine(torch.ones(1, 4)).sum())
-    engine.step()
-    return engine
+    """A DeepSpeed engine (ZeRO-0, a 4x4 layer, one optimiser step taken), for saving into any folder."""
+    return small_engine(4)
 
 
 def interrupted_copy(full: Path, dest: Path, latest: str) -> Path:

@@ -31,6 +31,7 @@ from tests.tiny import (
     free_port,
     make_sst2,
     make_tiny_bert,
+    small_engine,
     tiny_recipe,
     write_recipe,
 )
@@ -318,20 +319,8 @@ def _fail_partway(real, errno_: int = errno.ENOSPC):
 @pytest.fixture(scope="module")
 def engine():
     """A DeepSpeed engine (ZeRO-0, a 64x64 layer, one optimiser step taken) to save into any folder."""
-    import deepspeed
-
-    from scaledkd.engine import dist
-
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", _env()["TORCH_EXTENSIONS_DIR"])  # see _env
-    dist.init(120)
-    torch.manual_seed(0)
-    model = torch.nn.Linear(64, 64)
-    config = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.1),
-                                      config=config)
-    engine.backward(engine(torch.ones(1, 64)).sum())
-    engine.step()
-    return engine
+    return small_engine(64)
 
 
 def test_disk_full_during_a_checkpoint_save_keeps_the_previous_one_and_says_so(engine, tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from scaledkd import cli
-from tests.tiny import REPO, make_sst2, make_tiny_bert, tiny_recipe, write_recipe
+from tests.tiny import REPO, tiny_recipe, write_recipe
 
 
 @pytest.fixture(autouse=True)
@@ -18,10 +18,9 @@ def _repo_cwd(monkeypatch):
     monkeypatch.chdir(REPO)
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("folder_assets")
-    return make_tiny_bert(root / "teacher"), make_sst2(root / "glue")
+@pytest.fixture
+def assets(tiny_assets):
+    return tiny_assets
 
 
 def _tree(folder: Path) -> dict[str, str]:

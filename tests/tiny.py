@@ -87,3 +87,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def small_engine(width: int):
+    """A DeepSpeed engine (ZeRO-0, one ``width`` x ``width`` layer, one optimiser step taken) to save into any
+    folder: checkpoint tests that need an engine but not a model."""
+    import deepspeed
+    import torch
+
+    from scaledkd.engine import dist
+
+    dist.init(120)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(width, width)
+    config = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.1),
+                                      config=config)
+    engine.backward(engine(torch.ones(1, width)).sum())
+    engine.step()
+    return engine
