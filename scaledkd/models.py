@@ -284,11 +284,70 @@ def build_student(cfg: StudentConfig, default_source: str | None, task: TaskKind
         source_config = load_config(source_path, task, num_labels)
         check_supported(source_config, source_path)
         return student_from_config(source_config, cfg, task)
-    source = load_pretrained(source_path, task, num_labels)
-    layers = choose_layers(cfg.layers, cfg.num_layers, arch.num_blocks(source))
-    student = student_from_layers(source, layers)
+    source_config = load_config(source_path, task, num_labels)
+    layers = choose_layers(cfg.layers, cfg.num_layers, arch.num_blocks(source_config))
+    student = load_student_blocks(source_path, layers, task, num_labels)
     log.info("student: blocks %s of %s", layers, source_path)
-    del source
+    return student
+
+
+def _safetensors_files(folder: Path) -> list[Path] | None:
+    """The safetensors file(s) of a local model folder (single file or sharded index), or None."""
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / name for name in shards]
+    return None
+
+
+def load_student_blocks(source_path: str, layers: list[int], task: TaskKind, num_labels: int = 0) -> PreTrainedModel:
+    """A student of source blocks ``layers``, reading from the source's safetensors only the tensors it keeps.
+
+    Equal to :func:`student_from_layers` of the loaded source (tested), but the source is never whole in memory:
+    what a rank of a job with a teacher of billions of parameters cannot afford. The student is built from its
+    config (fresh heads that the checkpoint lacks draw from torch's RNG as ``from_pretrained`` would), then every
+    tensor it keeps is read by name: the checkpoint's key is the student's with the block renumbered, found with or
+    without the model's base prefix (a bare encoder saved without ``bert.``). A source that is not a local
+    safetensors folder, or whose names do not line up, is loaded whole and copied instead.
+    """
+    from safetensors import safe_open
+
+    config = layers_student_config(load_config(source_path, task, num_labels), layers)
+    check_supported(config, source_path)
+    folder = Path(resolve_model_path(source_path)).expanduser()
+    files = _safetensors_files(folder) if folder.is_dir() else None
+    if files is None:
+        return student_from_layers(load_pretrained(source_path, task, num_labels), layers)
+    student = auto_class(task).from_config(config)
+    prefix = _block_prefix(student)
+    base = student.base_model_prefix
+    wanted = {dst: src for dst, src in enumerate(layers)}  # 0-based student block -> 1-based source block
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    where = {key: h for h in handles for key in h.keys()}
+    state, missing = {}, []
+    tied = set(getattr(student, "_tied_weights_keys", None) or {})
+    for key in student.state_dict():
+        source_key = key
+        if key.startswith(prefix):
+            index, rest = key[len(prefix):].split(".", 1)
+            source_key = f"{prefix}{wanted[int(index)] - 1}.{rest}"
+        candidates = [source_key, source_key.removeprefix(f"{base}."), f"{base}.{source_key}"]
+        found = next((c for c in candidates if c in where), None)
+        if found is None:
+            missing.append(key)
+            continue
+        state[key] = where[found].get_tensor(found)
+    head = [k for k in missing if not k.startswith(prefix) and k not in tied]
+    if [k for k in missing if k.startswith(prefix)] or len(head) > 8:
+        log.info("student: %s does not line up with %s's checkpoint names; loading it whole", source_path, type(student))
+        return student_from_layers(load_pretrained(source_path, task, num_labels), layers)
+    student.load_state_dict(state, strict=False)
+    if tied:
+        student.tie_weights()
+    student.config.scaledkd_init = {"from_layers": layers}
     return student
 
 

@@ -279,3 +279,40 @@ def test_check_vocab_sizes():
     models.check_vocab_sizes(tiny_config("bert"), tiny_config("gpt2"))
     with pytest.raises(ValueError, match="teacher vocabulary size 100 != student vocabulary size 120"):
         models.check_vocab_sizes(tiny_config("bert"), tiny_config("bert", vocab_size=120))
+
+
+@pytest.mark.parametrize("model_type,layers", [("bert", [2, 4]), ("gpt2", [1, 3]), ("llama", [3]), ("qwen2", [2, 3])])
+def test_student_read_from_the_checkpoint_equals_the_copy_of_the_loaded_source(model_type, layers, tmp_path,
+                                                                               monkeypatch):
+    """``build_student`` reads only the kept tensors from the source's (here sharded) safetensors; the result is
+    the same student as copying blocks out of the whole loaded source, and no other block is ever read."""
+    from safetensors import safe_open
+
+    teacher = tiny_model(model_type, layers=4)
+    teacher.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    task = "classification" if model_type == "bert" else "causal_lm"
+    want = models.student_from_layers(teacher, layers).state_dict()
+    read: list[str] = []
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            self.inner = safe_open(*args, **kwargs)
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self.inner.get_tensor(key)
+
+    monkeypatch.setattr("safetensors.safe_open", Recording)
+    got = models.build_student(StudentConfig(layers=layers, num_layers=len(layers)), str(tmp_path), task, 2)
+    state = got.state_dict()
+    assert state.keys() == want.keys()
+    for key in want:
+        assert_same(state[key], want[key], key)
+    assert got.config.scaledkd_init == {"from_layers": layers}
+    prefix = models._block_prefix(teacher)
+    blocks_read = {int(k[len(prefix):].split(".")[0]) + 1 for k in read if k.startswith(prefix)}
+    assert blocks_read == set(layers)
