@@ -26,6 +26,11 @@ def print_summary(cfg: Config, metrics: dict[str, Any]) -> None:
     else:
         lines.append(f"  size     student {size['student_params'] / 1e6:.1f} M params; forward "
                      f"{speed['student_forward_s'] * 1e3:.0f} ms on {speed['probe_batch']}")
+    if speed.get("step_ms"):
+        ms = speed["step_ms"]
+        lines.append(f"  step     {sum(ms.values()):.0f} ms per optimiser step: teacher {ms['teacher']:.0f}, student + "
+                     f"losses {ms['student']:.0f}, backward {ms['backward']:.0f}, optimiser {ms['optimizer']:.0f}; "
+                     f"{speed['tokens_per_s']:,.0f} tokens/s")
     if metrics.get("teacher"):
         lines.append(f"  teacher  dev: {_fmt(metrics['teacher'])}")
     history = metrics.get("history") or []

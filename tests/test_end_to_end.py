@@ -97,6 +97,14 @@ def test_cli_distill_validate_eval(assets, tmp_path, capsys):
     code, out, err = run_cli(["distill", str(recipe), "train.max_steps=2"], capsys)
     assert code == 0, err
     assert "exported final student" in out
+    # Where the time goes: every logged step splits its wall time, and the summary prints the run's split.
+    assert "ms per optimiser step: teacher" in out and "tokens/s" in out
+    steps = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if '"step"' in x]
+    logged = next(x for x in steps if x.get("step") == 1 and "loss" in x)
+    assert all(logged[f"ms_{p}"] > 0 for p in ("teacher", "student", "backward", "optimizer"))
+    assert logged["tokens_per_s"] > 0
+    split = json.loads((tmp_path / "run" / "metrics.json").read_text())["speed"]["step_ms"]
+    assert set(split) == {"teacher", "student", "backward", "optimizer"}
     code, out, err = run_cli(["eval", str(tmp_path / "run" / "student"), "--task", "sst2",
                               "--data-dir", str(data_dir)], capsys)
     assert code == 0, err

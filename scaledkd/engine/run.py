@@ -14,7 +14,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from . import accel, dist, rundir
 from .batches import ShardedBatches
 from .module import DistillModule, TeacherRunner
 from .signals import StopRequests
-from .step import distill_step
+from .step import PhaseTimer, distill_step
 
 log = logging.getLogger("scaledkd")
 
@@ -77,6 +77,7 @@ class Run:
     batches: ShardedBatches
     total_steps: int
     mixup: EmbeddingMixup | None
+    step_split: dict[str, float] = field(default_factory=dict)  # summed PhaseTimer windows of this process
 
     @property
     def cfg(self) -> Config:
@@ -317,12 +318,14 @@ def _loop(run: Run, state: dict[str, Any], logfile: _Log, bar, stops: StopReques
     step = state["step"]
     num_epochs = math.ceil(total_steps * cfg.train.grad_accum / batches.per_epoch)  # ramps: epoch / num_epochs
     mixup = run.mixup
+    timer = PhaseTimer()
+    split = run.step_split
     while step < total_steps:
         epoch, skip = divmod(state["micro"], batches.per_epoch)
         for batch in batches(epoch, skip):
             if mixup is not None:
                 batch = mixup.prepare(batch, state["micro"], step, epoch / num_epochs)
-            terms = distill_step(engine, run.teacher, batch)
+            terms = distill_step(engine, run.teacher, batch, timer)
             state["micro"] += 1
             for k, v in terms.items():
                 window[k] = window.get(k, 0.0) + v
@@ -332,9 +335,15 @@ def _loop(run: Run, state: dict[str, Any], logfile: _Log, bar, stops: StopReques
             step = state["step"] = step + 1
             if step % cfg.train.log_every == 0 or step == total_steps:
                 elapsed = time.perf_counter() - tic
+                steps_in_window = max(1, window_n // cfg.train.grad_accum)
+                phases = timer.take(steps_in_window)
+                for key, value in phases.items():
+                    split[key] = split.get(key, 0.0) + (value if key == "tokens" else value * steps_in_window)
+                split["steps"] = split.get("steps", 0) + steps_in_window
+                split["seconds"] = split.get("seconds", 0.0) + elapsed
                 record = {"step": step, **{k: v / window_n for k, v in window.items()},
-                          "lr": engine.get_lr()[0], "samples_per_s": samples_per_step * cfg.train.log_every / elapsed
-                          if step % cfg.train.log_every == 0 else None}
+                          "lr": engine.get_lr()[0], "samples_per_s": samples_per_step * steps_in_window / elapsed,
+                          "tokens_per_s": phases.pop("tokens") * dist.world_size() / elapsed, **phases}
                 logfile.write(record)
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_s'] or 0:.1f}")
@@ -401,6 +410,10 @@ def finish(run: Run, result: dict[str, Any]) -> dict[str, Any]:
         timing["teacher_forward_s"] = measure_latency(run.teacher_model, probe)
         timing["speedup"] = timing["teacher_forward_s"] / timing["student_forward_s"]
     timing["probe_batch"] = list(probe["input_ids"].shape)
+    split = run.step_split
+    if split.get("steps"):
+        timing["step_ms"] = {k.removeprefix("ms_"): v / split["steps"] for k, v in split.items() if k.startswith("ms_")}
+        timing["tokens_per_s"] = split["tokens"] * dist.world_size() / max(1e-9, split["seconds"])
     student.train(was)
     sizes = {"student_params": models.count_parameters(student)}
     if run.teacher_model is not None:

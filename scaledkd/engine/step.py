@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -11,13 +12,58 @@ from . import dist
 from .module import TeacherRunner
 
 
-def distill_step(engine, teacher: TeacherRunner | None, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+PHASES = ("teacher", "student", "backward", "optimizer")
+
+
+class PhaseTimer:
+    """Wall milliseconds of each part of a step, summed until :meth:`take`: ``teacher`` (forward), ``student``
+    (forward with every loss, and the cross-rank agreement on their values), ``backward``, ``optimizer`` (the
+    boundary step, or the accumulation bookkeeping between boundaries). On CUDA each boundary synchronises, so the
+    numbers are the device's; on a CPU they are exact as they are."""
+
+    def __init__(self) -> None:
+        self.sums = dict.fromkeys(PHASES, 0.0)
+        self.tokens = 0
+        self._cuda = torch.cuda.is_available()
+        self._last = 0.0
+
+    def start(self) -> None:
+        self._last = self._now()
+
+    def mark(self, phase: str) -> None:
+        now = self._now()
+        self.sums[phase] += (now - self._last) * 1e3
+        self._last = now
+
+    def _now(self) -> float:
+        if self._cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def take(self, steps: int) -> dict[str, float]:
+        """Per-optimiser-step means over the window (``ms_<phase>``) and the tokens counted, then reset."""
+        out = {f"ms_{phase}": total / max(1, steps) for phase, total in self.sums.items()}
+        out["tokens"] = self.tokens
+        self.sums = dict.fromkeys(PHASES, 0.0)
+        self.tokens = 0
+        return out
+
+
+def distill_step(engine, teacher: TeacherRunner | None, batch: dict[str, torch.Tensor],
+                 timer: PhaseTimer | None = None) -> dict[str, float]:
     """One micro-batch: teacher forward, student forward + losses, backward, (boundary) optimiser step.
 
     Loss terms are averaged across ranks before anything else so every rank agrees on a non-finite value and
-    stops together, before the bad gradient reaches the weights. Returns ``{"loss": total, term: value}``.
+    stops together, before the bad gradient reaches the weights. Returns ``{"loss": total, term: value}``; with a
+    ``timer``, each part's wall time and the batch's tokens (real tokens, ``[B, L]`` mask sum) are added to it.
     """
+    if timer is not None:
+        timer.start()
+        mask = batch.get("attention_mask")
+        timer.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
     t_out = teacher(batch) if teacher is not None else None
+    if timer is not None:
+        timer.mark("teacher")
     total, terms = engine(batch, t_out)
     names = ["loss", *terms]
     values = dist.mean_across_ranks(torch.stack([total.detach().float(), *(v.detach().float() for v in terms.values())]))
@@ -27,6 +73,12 @@ def distill_step(engine, teacher: TeacherRunner | None, batch: dict[str, torch.T
             f"non-finite loss at step {engine.global_steps + 1} (micro-batch {engine.micro_steps + 1}): "
             f"{', '.join(bad)}; nothing was updated with it"
         )
+    if timer is not None:
+        timer.mark("student")
     engine.backward(total)
+    if timer is not None:
+        timer.mark("backward")
     engine.step()
+    if timer is not None:
+        timer.mark("optimizer")
     return dict(zip(names, values.tolist()))
