@@ -1,8 +1,8 @@
 """The data layer: GLUE TSVs, CSV/JSON-lines, text corpora -> ``datasets.Dataset`` -> token ids -> padded batches.
 
 Flow (``prepare_split`` runs it for a run and for ``scaledkd eval``): ``load_examples(cfg.data, split, seed)``
-(raw ``text_a``/``text_b``/``label``) -> ``tokenize_dataset`` (ids, truncated, unpadded) -> ``make_collator`` (dynamic padding per batch). ``task_spec`` says what the labels and
-metrics are. Causal language modelling (``data.task: lm``): ``pack_documents`` (documents -> packed rows) ->
+(raw ``text_a``/``text_b``/``label``) -> ``tokenize_dataset`` (ids, truncated, unpadded) -> ``make_collator``
+(dynamic padding per batch). ``task_spec`` says what the labels and metrics are. Causal language modelling (``data.task: lm``): ``pack_documents`` (documents -> packed rows) ->
 ``make_lm_collator``.
 """
 from __future__ import annotations
