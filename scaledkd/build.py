@@ -40,6 +40,7 @@ from .files import FINISHED_MARKER, is_run_folder
 from .losses import LOSSES, DistillLoss, LossSetup, build_loss
 from .models import TaskKind
 from .resume import check_resume
+from .trackers import check_available
 from .taps import Tap
 
 log = logging.getLogger("scaledkd")
@@ -199,6 +200,7 @@ def resolve(cfg: Config, *, world_size: int | None = None, check_output: bool = 
     teacher_path = cfg.teacher.path if cfg.teacher is not None else None
     for lc in cfg.losses:
         LOSSES.get(lc.name)  # an unknown loss names the registered ones
+    check_available(cfg.train.report_to)
     recipe = cfg.recipe_path
     ds_student = student_ds_config(read_ds_config(cfg.student.ds_config, recipe), cfg.train, world_size)
     ds_teacher = (teacher_ds_config(read_ds_config(cfg.teacher.ds_config, recipe), cfg.train, world_size)

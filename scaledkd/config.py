@@ -61,6 +61,7 @@ def _positive(name: str, value: float | int | None, allow_zero: bool = False) ->
 
 
 LayerScheme = Literal["lower", "upper", "uniform"]
+Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio", "aim", "comet_ml", "clearml", "dvclive", "swanlab"]
 GlueTask = Literal["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"]
 SupplementaryTask = Literal[GlueTask, "text", "csv", "jsonl"]
 TaskName = Literal[SupplementaryTask, "lm"]
@@ -301,6 +302,9 @@ class TrainConfig:
         resume_allow_changes: config keys (``train.lr``, ``data.max_length``, ...) that may differ from the
             checkpointed run's on resume; any other difference in a key that changes the trajectory is refused.
             Allowed changes are recorded in ``config_history.yaml``.
+        report_to: experiment trackers (Accelerate's: ``tensorboard``, ``wandb``, ``mlflow``, ``trackio``, ...) that
+            get every loss term, the learning rate, throughput, the step-time split and the evaluation scores; file
+            based ones write under ``<output_dir>/trackers/``. Each needs its package installed.
         dist_timeout_s: process-group timeout; short in tests so a hang fails fast.
         backend: who builds the DeepSpeed engines. ``deepspeed`` calls ``deepspeed.initialize`` directly;
             ``accelerate`` goes through Accelerate's DeepSpeed integration with two named plugins, ``student`` and
@@ -334,6 +338,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: str | None = None
     resume_allow_changes: list[str] = field(default_factory=list)
+    report_to: list[Tracker] = field(default_factory=list)
     dist_timeout_s: int = 1800
     backend: Literal["auto", "deepspeed", "accelerate"] = "auto"
     export: Literal["final", "best"] = "final"
@@ -343,6 +348,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_choices(self, "train")
+        for i, name in enumerate(self.report_to):
+            _choices(f"train.report_to[{i}]", name, get_args(Tracker))
         for name in ("batch_size", "grad_accum", "max_steps", "epochs", "lr", "log_every", "dist_timeout_s",
                      "mixup_alpha"):
             _positive(f"train.{name}", getattr(self, name))

@@ -24,7 +24,7 @@ NOT_TRAJECTORY = frozenset({
     "output_dir", "overwrite", "recipe_path", "plugins", "stages",
     "train.resume", "train.resume_allow_changes", "train.progress", "train.log_every", "train.eval_every",
     "train.save_every", "train.save_every_min", "train.keep_checkpoints", "train.dist_timeout_s", "train.backend",
-    "train.export",
+    "train.export", "train.report_to",
 })
 
 

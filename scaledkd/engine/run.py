@@ -31,6 +31,7 @@ from ..inputs import eval_batches as _eval_batches
 from ..inputs import model_inputs, to_device
 from ..mixup import EmbeddingMixup
 from ..resume import record_changes
+from ..trackers import Trackers
 from . import accel, dist, rundir
 from .batches import ShardedBatches
 from .module import DistillModule, TeacherRunner
@@ -252,19 +253,41 @@ def evaluate(run: Run, model=None) -> dict[str, float]:
 
 
 class _Log:
-    def __init__(self, path: Path) -> None:
+    """``log.jsonl`` (rank 0), and the same records to the run's trackers: step records as they are, evaluations
+    under ``eval/``, the teacher's scores under ``teacher/``."""
+
+    def __init__(self, path: Path, trackers: Trackers | None = None) -> None:
         self.path = path
+        self.trackers = trackers
 
     def write(self, record: dict[str, Any]) -> None:
         if dist.is_main():
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.trackers is None:
+            return
+        event = record.get("event")
+        if event is None and "step" in record:
+            self.trackers.log(record, record["step"])
+        elif event == "eval":
+            self.trackers.log(record, record["step"], "eval/")
+        elif event == "teacher_eval":
+            self.trackers.log(record, 0, "teacher/")
 
 
 def train(run: Run) -> dict[str, Any]:
+    """The training loop with its log and trackers; returns what :func:`finish` exports and records."""
+    cfg = run.cfg
+    trackers = Trackers(cfg.train.report_to, run.run_dir, run.run_dir.name, cfg.to_dict(), dist.is_main())
+    try:
+        return _train(run, _Log(run.run_dir / "log.jsonl", trackers))
+    finally:
+        trackers.finish()
+
+
+def _train(run: Run, logfile: _Log) -> dict[str, Any]:
     cfg, engine = run.cfg, run.engine
     total_steps = run.total_steps
-    logfile = _Log(run.run_dir / "log.jsonl")
     state = {"step": 0, "micro": 0, "best": None, "history": []}
     if run.plan.resume_from is not None:
         root, tag = run.plan.resume_from
