@@ -13,6 +13,7 @@ training settings, with the teacher and the losses that read it dropped.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import logging
@@ -253,7 +254,7 @@ def _instantiate(cfg: Config, s_config: Any, t_config: Any | None, task: TaskKin
                  device: torch.device | str | None) -> tuple[dict[str, DistillLoss], dict[str, float]]:
     losses, weights = {}, {}
     causal = arch.is_causal(s_config)
-    with torch.device(device) if device is not None else _nullcontext():
+    with torch.device(device) if device is not None else contextlib.nullcontext():
         for i, lc in enumerate(cfg.losses):
             key = lc.name if lc.name not in losses else f"{lc.name}_{i}"
             setup = LossSetup(student_config=s_config, teacher_config=t_config, mapping=lc.mapping, task=task,
@@ -261,14 +262,6 @@ def _instantiate(cfg: Config, s_config: Any, t_config: Any | None, task: TaskKin
             losses[key] = build_loss(lc.name, setup, lc.params)
             weights[key] = lc.weight
     return losses, weights
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def loss_plans(cfg: Config, s_config: Any, t_config: Any | None, task: TaskKind) -> list[LossPlan]:
