@@ -55,8 +55,8 @@ SCALEDKD_PREEMPTED=75
 
 # Run a command in the background and pass stop requests on: SIGUSR1 or SIGTERM received by this shell is sent, as
 # SIGUSR1, to the command itself (`self`: srun, which forwards it to every node's tasks; another launcher script) or
-# to its child processes (`children`: the workers torchrun started, so that torchrun itself keeps running while they
-# checkpoint). Returns the command's status, or SCALEDKD_PREEMPTED when a stop was requested. DRY_RUN=1 prints the
+# to the workers below it (`workers`: the processes at the leaves of its process tree, i.e. what torchrun or the
+# deepspeed launcher started, so that the launchers themselves keep running while the workers checkpoint). Returns the command's status, or SCALEDKD_PREEMPTED when a stop was requested. DRY_RUN=1 prints the
 # command, except for another of these launcher scripts (`bash <script>`), which runs and prints its own.
 scaledkd_supervise() {
   local mode=$1
@@ -93,11 +93,27 @@ scaledkd_supervise() {
 _scaledkd_forward_stop() {
   _scaledkd_stop=1
   echo "scaledkd: stop requested; asking the workers to checkpoint and leave" >&2
-  if [[ $_scaledkd_mode == children ]]; then
-    pkill -USR1 -P "$_scaledkd_child" 2>/dev/null || true
+  if [[ $_scaledkd_mode == workers ]]; then
+    local pid
+    for pid in $(_scaledkd_leaves "$_scaledkd_child"); do
+      kill -USR1 "$pid" 2>/dev/null || true
+    done
   else
     kill -USR1 "$_scaledkd_child" 2>/dev/null || true
   fi
+}
+
+# The processes at the leaves of the process tree under $1 (itself when it has no children).
+_scaledkd_leaves() {
+  local kids kid
+  kids=$(pgrep -P "$1" || true)
+  if [[ -z $kids ]]; then
+    echo "$1"
+    return
+  fi
+  for kid in $kids; do
+    _scaledkd_leaves "$kid"
+  done
 }
 
 # In a SLURM job, put it back in the queue after a requested stop (the sbatch scripts ask for --requeue and for

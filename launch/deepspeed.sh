@@ -53,5 +53,5 @@ if [[ ${SCALEDKD_ENTRY_ARGS[0]} == -m ]]; then SCALEDKD_ENTRY_ARGS[0]=--module; 
 
 # SIGTERM/SIGUSR1 reach the workers, which checkpoint and leave (exit 75; see torchrun.sh).
 rc=0
-scaledkd_supervise children "${launcher[@]}" "${SCALEDKD_ENTRY_ARGS[@]}" "$@" || rc=$?
+scaledkd_supervise workers "${launcher[@]}" "${SCALEDKD_ENTRY_ARGS[@]}" "$@" || rc=$?
 exit "$rc"

@@ -37,7 +37,7 @@ scaledkd_entry_args
 
 # SIGTERM/SIGUSR1 reach the workers (not torchrun, which would kill them): they checkpoint and leave with exit 75.
 rc=0
-scaledkd_supervise children "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" \
+scaledkd_supervise workers "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" \
   --nproc_per_node "$NPROC_PER_NODE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
   "${SCALEDKD_ENTRY_ARGS[@]}" "$@" || rc=$?
 exit "$rc"

@@ -135,3 +135,23 @@ def test_slurm_preemption_by_hand_requeues_and_resumes(assets, tmp_path, uninter
     assert again.returncode == 0, again.stderr[-3000:]
     assert calls.read_text().split() == ["requeue", "4242"]  # no second requeue
     _assert_identical(_weights(run), uninterrupted)
+
+
+@pytest.mark.parametrize("script,extra", [("torchrun.sh", {"NPROC_PER_NODE": "1"}),
+                                          ("deepspeed.sh", {"NUM_GPUS": "1"})], ids=["torchrun.sh", "deepspeed.sh"])
+def test_launcher_scripts_pass_a_stop_to_the_workers(script, extra, assets, tmp_path, uninterrupted):
+    """SIGTERM to launch/torchrun.sh or launch/deepspeed.sh reaches the workers (the leaves of its process tree), not
+    the launcher in between, so they checkpoint; the script exits 75 and the same command ends bit-identically."""
+    recipe = _recipe(tmp_path, assets, "launcher")
+    run = tmp_path / "launcher" / "run"
+    env = _env(MASTER_PORT=str(free_port()), **extra)
+    cmd = ["bash", str(REPO / "launch" / script), str(recipe), "train.progress=false"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _signal_after(proc, run / "log.jsonl", signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == PREEMPTED_EXIT, err[-3000:]
+    assert any(json.loads(line).get("event") == "stopped" for line in (run / "log.jsonl").read_text().splitlines())
+    env["MASTER_PORT"] = str(free_port())
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    _assert_identical(_weights(run), uninterrupted)
