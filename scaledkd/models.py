@@ -286,7 +286,7 @@ def build_student(cfg: StudentConfig, default_source: str | None, task: TaskKind
         return student_from_config(source_config, cfg, task)
     source_config = load_config(source_path, task, num_labels)
     layers = choose_layers(cfg.layers, cfg.num_layers, arch.num_blocks(source_config))
-    student = load_student_blocks(source_path, layers, task, num_labels)
+    student = load_student_blocks(source_path, source_config, layers, task, num_labels)
     log.info("student: blocks %s of %s", layers, source_path)
     return student
 
@@ -303,7 +303,8 @@ def _safetensors_files(folder: Path) -> list[Path] | None:
     return None
 
 
-def load_student_blocks(source_path: str, layers: list[int], task: TaskKind, num_labels: int = 0) -> PreTrainedModel:
+def load_student_blocks(source_path: str, source_config: PretrainedConfig, layers: list[int], task: TaskKind,
+                        num_labels: int = 0) -> PreTrainedModel:
     """A student of source blocks ``layers``, reading from the source's safetensors only the tensors it keeps.
 
     Equal to :func:`student_from_layers` of the loaded source (tested), but the source is never whole in memory:
@@ -315,7 +316,7 @@ def load_student_blocks(source_path: str, layers: list[int], task: TaskKind, num
     """
     from safetensors import safe_open
 
-    config = layers_student_config(load_config(source_path, task, num_labels), layers)
+    config = layers_student_config(source_config, layers)
     check_supported(config, source_path)
     folder = Path(resolve_model_path(source_path)).expanduser()
     files = _safetensors_files(folder) if folder.is_dir() else None
