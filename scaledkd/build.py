@@ -98,7 +98,8 @@ class RunPlan:
         teacher_config, student_config: Hugging Face configs; the student's with its final depth/width.
         ds_teacher, ds_student: the resolved DeepSpeed configs (``auto`` filled).
         losses: the loss terms, in recipe order.
-        train_examples, dev_examples: examples (documents for ``lm``) in each split.
+        examples: each split's raw examples (documents for ``lm``) as read by the checks, for the run to tokenise
+            without reading the files again; empty when resolved without data (``load_data=False``).
         resume_from: the complete checkpoint ``(checkpoints root, tag)`` the run continues from, checked against
             the config (:mod:`scaledkd.resume`); None for a fresh start.
     """
@@ -115,9 +116,16 @@ class RunPlan:
     ds_teacher: dict[str, Any] | None
     ds_student: dict[str, Any]
     losses: list[LossPlan]
-    train_examples: int
-    dev_examples: int
+    examples: dict[str, Any]
     resume_from: tuple[Path, str] | None = None
+
+    @property
+    def train_examples(self) -> int:
+        return len(self.examples.get("train", ()))
+
+    @property
+    def dev_examples(self) -> int:
+        return len(self.examples.get("dev", ()))
 
     @property
     def tokenizer_source(self) -> str:
@@ -227,10 +235,10 @@ def resolve(cfg: Config, *, world_size: int | None = None, check_output: bool = 
     losses = loss_plans(cfg, s_config, t_config, task)
     check_losses(cfg, losses, ds_student)
 
-    n_train = n_dev = 0
+    examples = {}
     if load_data:
-        n_train = len(data.load_examples(cfg.data, "train", cfg.train.seed))
-        n_dev = len(data.load_examples(cfg.data, "dev", cfg.train.seed))
+        examples = {split: data.load_examples(cfg.data, split, cfg.train.seed) for split in ("train", "dev")}
+        n_train = len(examples["train"])
         if task != "causal_lm" and n_train < cfg.train.batch_size * world_size:
             raise ConfigError(
                 f"the training set has {n_train} examples, fewer than one global batch "
@@ -238,8 +246,8 @@ def resolve(cfg: Config, *, world_size: int | None = None, check_output: bool = 
             )
     return RunPlan(cfg=cfg, spec=spec, task=task, world_size=world_size, teacher_path=teacher_path,
                    student_source=source, student_layers=layers, teacher_config=t_config, student_config=s_config,
-                   ds_teacher=ds_teacher, ds_student=ds_student, losses=losses, train_examples=n_train,
-                   dev_examples=n_dev, resume_from=resume_from)
+                   ds_teacher=ds_teacher, ds_student=ds_student, losses=losses, examples=examples,
+                   resume_from=resume_from)
 
 
 def _check_positions(cfg: Config, configs: tuple[tuple[str, Any], ...]) -> None:
@@ -278,11 +286,10 @@ def loss_plans(cfg: Config, s_config: Any, t_config: Any | None, task: TaskKind)
 
 
 def check_losses(cfg: Config, losses: list[LossPlan], ds_student: dict[str, Any]) -> None:
-    """What the losses ask of the rest of the config: labels, mixup, a teacher, something to train."""
+    """What the losses ask of the rest of the config: labels, mixup, an EMA student, something to train."""
+    # A loss that needs a teacher without one has already failed to build (DistillLoss checks it).
     for lp in losses:
         name = lp.key
-        if "teacher" in lp.needs and cfg.teacher is None:
-            raise ConfigError(f"loss {name!r} needs a teacher, but teacher is null")
         if "clean" in lp.needs and not cfg.train.mixup:
             raise ConfigError(f"loss {name!r} compares mixed and clean inputs; set train.mixup: true")
         if "labels" in lp.needs and cfg.train.mixup:

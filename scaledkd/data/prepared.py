@@ -12,7 +12,7 @@ import datasets
 
 from scaledkd.config import DataConfig
 from scaledkd.data.collate import make_collator, tokenize_dataset
-from scaledkd.data.lm import load_documents, make_lm_collator, pack_documents
+from scaledkd.data.lm import make_lm_collator, pack_documents
 from scaledkd.data.loading import Split, load_examples
 
 
@@ -24,14 +24,22 @@ class Prepared:
     collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
 
 
-def prepare_split(cfg: DataConfig, tokenizer: Any, split: Split, seed: int, *, causal_lm: bool) -> Prepared:
+def prepare_split(cfg: DataConfig, tokenizer: Any, split: Split, seed: int, *, causal_lm: bool,
+                  examples: datasets.Dataset | None = None) -> Prepared:
     """Rows of one split: classification/regression/text examples tokenised to ``data.max_length``, or, for a
     causal LM, documents packed into rows (training rows shuffled with ``seed``, the last partial row dropped;
-    held-out rows in order, the partial row kept)."""
+    held-out rows in order, the partial row kept).
+
+    Args:
+        examples: the split's raw examples (documents for ``lm``) when already read (the run plan counted them);
+            else :func:`~scaledkd.data.loading.load_examples` reads them.
+    """
+    if examples is None:
+        examples = load_examples(cfg, split, seed)  # documents for data.task: lm
     if causal_lm:
         train = split == "train"
-        rows = pack_documents(load_documents(cfg, split, seed), tokenizer, cfg.max_length, cfg.packing,
+        rows = pack_documents(examples, tokenizer, cfg.max_length, cfg.packing,
                               shuffle_seed=seed if train else None, drop_remainder=train)
         return Prepared(rows, make_lm_collator(tokenizer))
-    rows = tokenize_dataset(load_examples(cfg, split, seed), tokenizer, cfg.max_length)
+    rows = tokenize_dataset(examples, tokenizer, cfg.max_length)
     return Prepared(rows, make_collator(tokenizer))

@@ -63,6 +63,7 @@ class Run:
         teacher_model: the teacher (or its ZeRO-3 engine), for evaluation and timing.
         batches: the training micro-batches; total_steps: optimiser steps of the run.
         mixup: CR-ILD's embedding mixup, when ``train.mixup``.
+        timer: the step-time split of this process (:class:`PhaseTimer`).
     """
 
     plan: RunPlan
@@ -78,7 +79,7 @@ class Run:
     batches: ShardedBatches
     total_steps: int
     mixup: EmbeddingMixup | None
-    step_split: dict[str, float] = field(default_factory=dict)  # summed PhaseTimer windows of this process
+    timer: PhaseTimer = field(default_factory=PhaseTimer)  # where the step time went, per window and for the run
 
     @property
     def cfg(self) -> Config:
@@ -150,8 +151,8 @@ def _setup(plan: RunPlan, run_dir: Path, replaced: Path | None) -> Run:
     # Data (every rank reads; it is small next to the models).
     tokenizer = models.load_tokenizer(plan.tokenizer_source)
     causal_lm = task == "causal_lm"
-    train_split = data.prepare_split(cfg.data, tokenizer, "train", cfg.train.seed, causal_lm=causal_lm)
-    dev_split = data.prepare_split(cfg.data, tokenizer, "dev", cfg.train.seed, causal_lm=causal_lm)
+    train_split, dev_split = (data.prepare_split(cfg.data, tokenizer, split, cfg.train.seed, causal_lm=causal_lm,
+                                                 examples=plan.examples.get(split)) for split in ("train", "dev"))
     train_set, dev_set, collate = train_split.rows, dev_split.rows, train_split.collate
     if causal_lm:
         log.info("data.task='lm': %d train rows, %d held-out rows of up to %d tokens (packing=%s)",
@@ -172,7 +173,7 @@ def _setup(plan: RunPlan, run_dir: Path, replaced: Path | None) -> Run:
         else:
             teacher_engine = teacher_model.to(dist.device())
 
-    # Student: built rank-locally (copying teacher blocks needs full weights), partitioned by its engine.
+    # Student: built rank-locally (its kept blocks read from the source's files), partitioned by its engine.
     torch.manual_seed(cfg.train.seed)  # the same fresh heads/projections on every rank
     with engines.load_context("student" if cfg.student.init == "pretrained" else None):
         student = models.build_student(cfg.student, plan.teacher_path, task, plan.spec.num_labels)
@@ -309,9 +310,8 @@ def _train(run: Run, logfile: _Log) -> dict[str, Any]:
         bar = tqdm(total=total_steps, initial=state["step"], desc="distill" if run.teacher else "train",
                    unit="step", dynamic_ncols=True)
     keep = cfg.train.keep_checkpoints or None
-    last_save = time.monotonic()
     with StopRequests() as stops:
-        step, best_state = _loop(run, state, logfile, bar, stops, keep, last_save)
+        step, best_state = _loop(run, state, logfile, bar, stops, keep)
     if bar is not None:
         bar.close()
 
@@ -327,8 +327,8 @@ def _train(run: Run, logfile: _Log) -> dict[str, Any]:
             "exported": exported, "steps": step}
 
 
-def _loop(run: Run, state: dict[str, Any], logfile: _Log, bar, stops: StopRequests, keep: int | None,
-          last_save: float) -> tuple[int, Any]:
+def _loop(run: Run, state: dict[str, Any], logfile: _Log, bar, stops: StopRequests, keep: int | None
+          ) -> tuple[int, Any]:
     """Optimiser steps until ``run.total_steps``; checkpoints on schedule and on a stop request (then
     :class:`Preempted`). Returns the last step and the best evaluation's student state (``export: best``)."""
     cfg, engine = run.cfg, run.engine
@@ -341,8 +341,8 @@ def _loop(run: Run, state: dict[str, Any], logfile: _Log, bar, stops: StopReques
     step = state["step"]
     num_epochs = math.ceil(total_steps * cfg.train.grad_accum / batches.per_epoch)  # ramps: epoch / num_epochs
     mixup = run.mixup
-    timer = PhaseTimer()
-    split = run.step_split
+    timer = run.timer
+    last_save = time.monotonic()
     while step < total_steps:
         epoch, skip = divmod(state["micro"], batches.per_epoch)
         for batch in batches(epoch, skip):
@@ -359,11 +359,7 @@ def _loop(run: Run, state: dict[str, Any], logfile: _Log, bar, stops: StopReques
             if step % cfg.train.log_every == 0 or step == total_steps:
                 elapsed = time.perf_counter() - tic
                 steps_in_window = max(1, window_n // cfg.train.grad_accum)
-                phases = timer.take(steps_in_window)
-                for key, value in phases.items():
-                    split[key] = split.get(key, 0.0) + (value if key == "tokens" else value * steps_in_window)
-                split["steps"] = split.get("steps", 0) + steps_in_window
-                split["seconds"] = split.get("seconds", 0.0) + elapsed
+                phases = timer.take(steps_in_window, elapsed)
                 record = {"step": step, **{k: v / window_n for k, v in window.items()},
                           "lr": engine.get_lr()[0], "samples_per_s": samples_per_step * steps_in_window / elapsed,
                           "tokens_per_s": phases.pop("tokens") * dist.world_size() / elapsed, **phases}
@@ -433,10 +429,9 @@ def finish(run: Run, result: dict[str, Any]) -> dict[str, Any]:
         timing["teacher_forward_s"] = measure_latency(run.teacher_model, probe)
         timing["speedup"] = timing["teacher_forward_s"] / timing["student_forward_s"]
     timing["probe_batch"] = list(probe["input_ids"].shape)
-    split = run.step_split
-    if split.get("steps"):
-        timing["step_ms"] = {k.removeprefix("ms_"): v / split["steps"] for k, v in split.items() if k.startswith("ms_")}
-        timing["tokens_per_s"] = split["tokens"] * dist.world_size() / max(1e-9, split["seconds"])
+    if run.timer.run_steps:
+        timing["step_ms"] = run.timer.run_step_ms()
+        timing["tokens_per_s"] = run.timer.run_tokens * dist.world_size() / max(1e-9, run.timer.run_seconds)
     student.train(was)
     sizes = {"student_params": models.count_parameters(student)}
     if run.teacher_model is not None:
@@ -558,13 +553,13 @@ def _mapping_of(run: Run, index: int, lc: LossConfig):
     return [list(p) for p in pairs] if pairs is not None else lc.mapping
 
 
-def run_distillation(cfg: Config, plan: RunPlan | None = None) -> dict[str, Any]:
+def run_distillation(cfg: Config) -> dict[str, Any]:
     """The whole job: resolve, set up, train, evaluate, export. Returns the metrics written to metrics.json.
 
     With ``overwrite=true`` the run it replaces is deleted only after this one finished and exported, and put
     back if it fails.
     """
-    run = setup(plan if plan is not None else resolve(cfg))
+    run = setup(resolve(cfg))
     try:
         metrics = finish(run, train(run))
     except Preempted:

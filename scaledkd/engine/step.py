@@ -16,14 +16,18 @@ PHASES = ("teacher", "student", "backward", "optimizer")
 
 
 class PhaseTimer:
-    """Wall milliseconds of each part of a step, summed until :meth:`take`: ``teacher`` (forward), ``student``
-    (forward with every loss, and the cross-rank agreement on their values), ``backward``, ``optimizer`` (the
-    boundary step, or the accumulation bookkeeping between boundaries). On CUDA each boundary synchronises, so the
-    numbers are the device's; on a CPU they are exact as they are."""
+    """Wall milliseconds of each part of a step: ``teacher`` (forward), ``student`` (forward with every loss, and
+    the cross-rank agreement on their values), ``backward``, ``optimizer`` (the boundary step, or the accumulation
+    bookkeeping between boundaries), summed per logging window (:meth:`take`) and over the run (``run_*``). On
+    CUDA each boundary synchronises, so the numbers are the device's; on a CPU they are exact as they are."""
 
     def __init__(self) -> None:
         self.sums = dict.fromkeys(PHASES, 0.0)
         self.tokens = 0
+        self.run_sums = dict.fromkeys(PHASES, 0.0)
+        self.run_steps = 0
+        self.run_tokens = 0
+        self.run_seconds = 0.0
         self._cuda = torch.cuda.is_available()
         self._last = 0.0
 
@@ -40,13 +44,23 @@ class PhaseTimer:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def take(self, steps: int) -> dict[str, float]:
-        """Per-optimiser-step means over the window (``ms_<phase>``) and the tokens counted, then reset."""
+    def take(self, steps: int, seconds: float) -> dict[str, float]:
+        """Close a window of ``steps`` optimiser steps that took ``seconds``: per-step means (``ms_<phase>``) and
+        the tokens counted, added to the run's totals, then reset."""
         out = {f"ms_{phase}": total / max(1, steps) for phase, total in self.sums.items()}
         out["tokens"] = self.tokens
+        for phase, total in self.sums.items():
+            self.run_sums[phase] += total
+        self.run_steps += steps
+        self.run_tokens += self.tokens
+        self.run_seconds += seconds
         self.sums = dict.fromkeys(PHASES, 0.0)
         self.tokens = 0
         return out
+
+    def run_step_ms(self) -> dict[str, float]:
+        """Per-optimiser-step milliseconds of each phase over every window taken so far."""
+        return {phase: total / max(1, self.run_steps) for phase, total in self.run_sums.items()}
 
 
 def distill_step(engine, teacher: TeacherRunner | None, batch: dict[str, torch.Tensor],
