@@ -539,7 +539,8 @@ def test_gqa_scores_repeat_key_heads_like_the_model():
     """GQA keys are shared by consecutive query heads exactly as the model's own ``repeat_kv`` does."""
     from transformers.models.llama.modeling_llama import repeat_kv
 
-    from scaledkd.losses.attention import scores
+    from scaledkd.losses.attention import head_qk, scores
+    from scaledkd.taps import Captures
 
     gqa = tiny_config("llama", width=64, heads=4, kv_heads=2)
     mha = tiny_config("llama", width=64, heads=4, kv_heads=4)
@@ -547,6 +548,7 @@ def test_gqa_scores_repeat_key_heads_like_the_model():
     q, k = torch.randn(B, L, 64), torch.randn(B, L, 32)
     k_heads = k.view(B, L, 2, 16).transpose(1, 2)  # [B, 2, L, 16]
     k_full = repeat_kv(k_heads, 2).transpose(1, 2).reshape(B, L, 64)
-    torch.testing.assert_close(scores(q, k, gqa), scores(q, k_full, mha))
+    torch.testing.assert_close(scores(*head_qk(Captures(q={1: q}, k={1: k}), 1, gqa)),
+                               scores(*head_qk(Captures(q={1: q}, k={1: k_full}), 1, mha)))
     loss = build_loss("attn_kl", LossSetup(gqa, gqa, None, "causal_lm", "attn_kl", causal=True), {})
     assert loss.pairs == [(4, 4)]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..arch import attention_geometry
 from ..mappings import resolve_mapping
-from ..taps import Tap
+from ..taps import Captures, Tap
 from .base import DistillLoss, LossBatch, LossSetup, ModelOutputs, register_loss
 
 
@@ -54,14 +54,31 @@ def row_kl(target_logits: torch.Tensor, pred_logits: torch.Tensor, allowed: torc
     return kl[rows].sum() / rows.sum().clamp_min(1)
 
 
-def scores(q: torch.Tensor, k: torch.Tensor, config) -> torch.Tensor:
-    """Pre-softmax attention scores ``QK^T / sqrt(d)`` per head, ``[B, H, L, L]``; GQA keys are repeated."""
-    heads, kv_heads, head_dim = attention_geometry(config)
-    qh = split_heads(q.float(), heads)
-    kh = split_heads(k.float(), kv_heads)
+def head_qk(captures: Captures, layer: int, config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Query and key heads of one captured block, as that block's attention combines them.
+
+    Returns float32 ``q [B, H, L, d]``, ``k [B, H, L, d]`` (GQA key heads repeated to H) and an additive score
+    bias broadcastable to ``[B, H, L, L]`` (None when the architecture adds none), so that the block's
+    pre-softmax, pre-mask scores are ``q k^T / sqrt(d) + bias``. Every attention-map loss reads its heads here,
+    so position handling lives in one place.
+    """
+    heads, kv_heads, _ = attention_geometry(config)
+    qh = split_heads(captures.q[layer].float(), heads)
+    kh = split_heads(captures.k[layer].float(), kv_heads)
     if kv_heads != heads:
         kh = kh.repeat_interleave(heads // kv_heads, dim=1)
-    return qh @ kh.transpose(-1, -2) / math.sqrt(head_dim)
+    return qh, kh, None
+
+
+def qk_taps(layers) -> set[Tap]:
+    """The taps :func:`head_qk` reads for the given blocks."""
+    return {Tap(kind, layer) for layer in layers for kind in "qk"}
+
+
+def scores(qh: torch.Tensor, kh: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Pre-softmax attention scores ``q k^T / sqrt(d) + bias``, ``[B, H, L, L]``, from :func:`head_qk`'s output."""
+    a = qh @ kh.transpose(-1, -2) / math.sqrt(qh.shape[-1])
+    return a if bias is None else a + bias
 
 
 class _LayerPairs(DistillLoss):
@@ -96,14 +113,14 @@ class AttentionKL(_LayerPairs):
         self._check_heads()
 
     def taps(self) -> tuple[set[Tap], set[Tap]]:
-        return ({Tap(k, s) for s, _ in self.pairs for k in "qk"}, {Tap(k, t) for _, t in self.pairs for k in "qk"})
+        return qk_taps(s for s, _ in self.pairs), qk_taps(t for _, t in self.pairs)
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: LossBatch) -> torch.Tensor:
         allowed = key_mask(batch.attention_mask, self.setup.causal)
         total = 0.0
         for s, t in self.pairs:
-            a_s = scores(student.captures.q[s], student.captures.k[s], self.setup.student_config)
-            a_t = scores(teacher.captures.q[t], teacher.captures.k[t], self.setup.teacher_config)
+            a_s = scores(*head_qk(student.captures, s, self.setup.student_config))
+            a_t = scores(*head_qk(teacher.captures, t, self.setup.teacher_config))
             total = total + row_kl(a_t, a_s, allowed, batch.token_mask)
         return total
 
@@ -122,15 +139,15 @@ class AttentionMSE(_LayerPairs):
         self.masked = masked
 
     def taps(self) -> tuple[set[Tap], set[Tap]]:
-        return ({Tap(k, s) for s, _ in self.pairs for k in "qk"}, {Tap(k, t) for _, t in self.pairs for k in "qk"})
+        return qk_taps(s for s, _ in self.pairs), qk_taps(t for _, t in self.pairs)
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: LossBatch) -> torch.Tensor:
         allowed = key_mask(batch.attention_mask, self.setup.causal)
         allowed = allowed & batch.token_mask.bool()[:, None, :, None]  # real query rows too
         total = 0.0
         for s, t in self.pairs:
-            a_s = scores(student.captures.q[s], student.captures.k[s], self.setup.student_config)
-            a_t = scores(teacher.captures.q[t], teacher.captures.k[t], self.setup.teacher_config)
+            a_s = scores(*head_qk(student.captures, s, self.setup.student_config))
+            a_t = scores(*head_qk(teacher.captures, t, self.setup.teacher_config))
             sq = (a_s - a_t).pow(2).masked_fill(~allowed, 0.0)  # [B, H, L, L]
             denom = allowed.expand_as(sq).sum() if self.masked else torch.tensor(sq.numel())
             total = total + sq.sum() / denom.clamp_min(1)

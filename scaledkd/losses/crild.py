@@ -11,7 +11,7 @@ import torch
 
 from ..mixup import MixedOutputs, partner
 from ..taps import Tap
-from .attention import key_mask, row_kl, scores
+from .attention import head_qk, key_mask, qk_taps, row_kl, scores
 from .base import DistillLoss, LossBatch, LossSetup, ModelOutputs, masked_mean, register_loss
 
 DIVERGENCES = ("attn_kl", "hidden_mse", "both")
@@ -62,8 +62,8 @@ class CRILDConsistency(DistillLoss):
         self.needs = frozenset({"clean", *(["qkv"] if self.attn else []), *(["hidden"] if self.hidden else [])})
 
     def taps(self) -> tuple[set[Tap], set[Tap]]:
-        kinds = (["q", "k"] if self.attn else []) + (["hidden"] if self.hidden else [])
-        return {Tap(kind, self.layer) for kind in kinds}, set()
+        taps = qk_taps([self.layer]) if self.attn else set()
+        return taps | ({Tap("hidden", self.layer)} if self.hidden else set()), set()
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: LossBatch) -> torch.Tensor:
         if not isinstance(student, MixedOutputs) or student.clean is None:
@@ -73,8 +73,8 @@ class CRILDConsistency(DistillLoss):
         total = torch.zeros((), device=own.device)
         if self.attn:
             config, causal = self.setup.student_config, self.setup.causal
-            a_mix = scores(mix.q[self.layer], mix.k[self.layer], config)
-            a_clean = scores(clean.q[self.layer], clean.k[self.layer], config)
+            a_mix = scores(*head_qk(mix, self.layer, config))
+            a_clean = scores(*head_qk(clean, self.layer, config))
             total = total + lam * row_kl(a_clean, a_mix, key_mask(own, causal), own)
             total = total + (1.0 - lam) * row_kl(partner(a_clean), a_mix, key_mask(rev, causal), rev)
         if self.hidden:
