@@ -8,6 +8,10 @@ so ZeRO-3 gathers projection weights like any other student parameter.
 :class:`TeacherRunner` runs the frozen teacher (plain, or its own ZeRO-3 inference engine) under ``no_grad``
 and returns detached captures. A teacher-output cache replaces it with anything that returns the same
 :class:`~scaledkd.losses.ModelOutputs` for a batch.
+
+Causal LMs whose logit readers all take the head form (``DistillLoss.logits_from_head``) run without their output
+head: the forward stops after the final norm and the losses apply the head chunk by chunk
+(:mod:`scaledkd.losses.head`). Both sides decide this once, when they are built.
 """
 from __future__ import annotations
 
@@ -18,13 +22,50 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from .. import arch
 from ..inputs import loss_batch, model_inputs
 from ..losses import DistillLoss, ModelOutputs
+from ..losses.head import OutputHead, output_head
 from ..mixup import CLEAN_MASK, LAMBDA, PROGRESS, STEP, EmbeddingMixup, MixedOutputs
 from ..taps import Captures, Tap, TapManager
 
 def _logits(out) -> torch.Tensor | None:
     return getattr(out, "logits", None)
+
+
+def _head_form(model: nn.Module, readers: list[DistillLoss]) -> OutputHead | None:
+    """The model's head, to be skipped, when every loss reading its logits takes the head form and the model's
+    logits are exactly ``lm_head(final hidden states)``; else None (the model runs in full)."""
+    head = output_head(arch.unwrap(model))
+    if head is None or not all(loss.logits_from_head for loss in readers):
+        return None
+    params = list(head.parameters())
+
+    def gathered():
+        # Partitioned (ZeRO-3) weights are gathered once for a whole chunk loop, on every rank alike.
+        if any(hasattr(p, "ds_id") for p in params):
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return contextlib.nullcontext()
+
+    return OutputHead(head, gathered)
+
+
+def _final_hidden(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``[B, L, D]`` final (post-norm) hidden states of a causal LM, its head applied to no position.
+
+    The model's own forward runs (so a DeepSpeed engine's forward hooks all fire as usual) with
+    ``logits_to_keep`` an empty index: the head sees ``[B, 0, D]``. The base model's output is read by a hook.
+    """
+    base = arch.unwrap(model).base_model
+    seen: list[torch.Tensor] = []
+    handle = base.register_forward_hook(lambda _m, _a, out: seen.append(out[0]))
+    try:
+        model(**inputs, logits_to_keep=torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device))
+    finally:
+        handle.remove()
+    return seen[-1]
 
 
 class DistillModule(nn.Module):
@@ -70,6 +111,7 @@ class DistillModule(nn.Module):
         self.ema_taps = TapManager(self.ema, taps, detach=True) if self.ema is not None else None
         if mixup is not None:
             mixup.attach(student)
+        self.head = _head_form(student, [loss for loss in losses.values() if "logits" in loss.needs])
 
     @torch.no_grad()
     def _clean_forward(self, batch: Mapping[str, torch.Tensor]) -> Captures:
@@ -104,18 +146,27 @@ class DistillModule(nn.Module):
             taps |= loss.taps()[1]
         return taps
 
+    def teacher_head(self) -> bool:
+        """Whether every loss reading the teacher's logits takes them as final hidden states and head (for
+        :class:`TeacherRunner`'s ``head``)."""
+        return all(loss.logits_from_head for loss in self.losses.values() if {"teacher", "logits"} <= loss.needs)
+
     def forward(self, batch: Mapping[str, torch.Tensor], teacher: ModelOutputs | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         mixed = self.mixup is not None and LAMBDA in batch
         clean = self._clean_forward(batch) if mixed and self.wants_clean else None
         with self.taps.capture() as captures, (self.mixup.applied(batch) if mixed else contextlib.nullcontext()):
-            out = self.student(**model_inputs(batch))
+            if self.head is None:
+                logits, hidden = _logits(self.student(**model_inputs(batch))), None
+            else:
+                logits, hidden = None, _final_hidden(self.student, model_inputs(batch))
         self.taps.check_complete(captures)
         if mixed:
-            student = MixedOutputs(logits=_logits(out), captures=captures, lam=float(batch[LAMBDA]),
-                                   progress=float(batch[PROGRESS]), clean=clean, clean_mask=batch[CLEAN_MASK])
+            student = MixedOutputs(logits=logits, captures=captures, hidden_final=hidden, head=self.head,
+                                   lam=float(batch[LAMBDA]), progress=float(batch[PROGRESS]), clean=clean,
+                                   clean_mask=batch[CLEAN_MASK])
         else:
-            student = ModelOutputs(logits=_logits(out), captures=captures)
+            student = ModelOutputs(logits=logits, captures=captures, hidden_final=hidden, head=self.head)
         lb = loss_batch(batch)
         terms = {name: loss(student, teacher, lb) for name, loss in self.losses.items()}
         total = sum(self.weights[name] * value for name, value in terms.items())
@@ -129,20 +180,28 @@ class TeacherRunner:
         model: the teacher, or its DeepSpeed inference engine (ZeRO-3); captures resolve on the unwrapped model.
         taps: what the losses read from the teacher.
         mixup: the student's :class:`EmbeddingMixup`: the teacher sees the same mixed inputs.
+        head: the losses take the teacher's logits as final hidden states and head
+            (:meth:`DistillModule.teacher_head`); a causal LM that supports it then runs without its head.
     """
 
-    def __init__(self, model: nn.Module, taps: set[Tap], mixup: EmbeddingMixup | None = None) -> None:
+    def __init__(self, model: nn.Module, taps: set[Tap], mixup: EmbeddingMixup | None = None,
+                 head: bool = False) -> None:
         self.model = model
         self.taps = TapManager(model, taps, detach=True)
         self.mixup = mixup
         if mixup is not None:
             mixup.attach(model)
+        self.head = _head_form(model, []) if head else None
 
     @torch.no_grad()
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> ModelOutputs:
         mixing = self.mixup.applied(batch) if self.mixup is not None else contextlib.nullcontext()
         with self.taps.capture() as captures, mixing:
-            out = self.model(**model_inputs(batch))
+            if self.head is not None:
+                hidden = _final_hidden(self.model, model_inputs(batch)).detach()
+                outputs = ModelOutputs(logits=None, captures=captures, hidden_final=hidden, head=self.head)
+            else:
+                logits = _logits(self.model(**model_inputs(batch)))
+                outputs = ModelOutputs(logits=None if logits is None else logits.detach(), captures=captures)
         self.taps.check_complete(captures)
-        logits = _logits(out)
-        return ModelOutputs(logits=None if logits is None else logits.detach(), captures=captures)
+        return outputs

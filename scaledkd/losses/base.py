@@ -16,16 +16,23 @@ from torch import nn
 
 from ..registry import Registry
 from ..taps import Captures, Tap
+from .head import OutputHead
 
 Needs = frozenset[str]  # subset of {"teacher", "labels", "logits", "hidden", "qkv"}
 
 
 @dataclass
 class ModelOutputs:
-    """What a forward gives the losses: final logits (None for bare encoders) and tap captures."""
+    """What a forward gives the losses: final logits (None for bare encoders) and tap captures.
+
+    A causal LM whose logit readers all declare ``logits_from_head`` skips its output head: ``logits`` is None and
+    ``hidden_final`` with ``head`` stand for ``logits = head.module(hidden_final)`` (:mod:`scaledkd.losses.head`).
+    """
 
     logits: torch.Tensor | None  # [B, C] classification/regression, [B, L, V] causal LM
     captures: Captures = field(default_factory=Captures)
+    hidden_final: torch.Tensor | None = None  # [B, L, D] causal LM: the final norm's output, when logits were skipped
+    head: OutputHead | None = None  # the output layer to apply to hidden_final
 
 
 @dataclass
@@ -84,12 +91,16 @@ class DistillLoss(nn.Module):
       learned filters), and reading such files of an earlier stage before training.
     - trainable modules: the loss's own parameters (projections, filters, heads) train with the student; a loss
       without parameters has none (:attr:`trainable`).
+    - ``logits_from_head``: a loss with ``logits`` in ``needs`` that can equally read ``ModelOutputs.hidden_final``
+      and ``head`` (a causal LM's final hidden states and output layer) instead of full logits. When every loss
+      reading a model's logits says so, the engine skips that model's head (decided once, at setup).
     """
 
     needs: ClassVar[Needs] = frozenset()
     tasks: ClassVar[frozenset[str] | None] = None  # None = any task
     pairs: list[tuple[int, int]] | None = None
     ema_decay: float | None = None
+    logits_from_head: bool = False
 
     def __init__(self, setup: LossSetup) -> None:
         super().__init__()

@@ -30,7 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["DIVERGENCES", "Divergence", "IGNORE_INDEX", "chunked_cross_entropy", "token_divergence"]
+__all__ = [
+    "DIVERGENCES", "Divergence", "IGNORE_INDEX", "RowsSum", "RowsSumAndGrad", "chunked_cross_entropy",
+    "cross_entropy_rows_sum", "cross_entropy_rows_sum_and_grad", "divergence_rows", "token_divergence",
+]
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"]
 DIVERGENCES: tuple[str, ...] = get_args(Divergence)
@@ -42,6 +45,12 @@ IGNORE_INDEX = -100  # label value skipped by chunked_cross_entropy (the Hugging
 # and no inf - inf or 0 * inf can appear in the forward or the backward pass (where a torch.where over
 # -inf values would still propagate NaN gradients through its unselected branch).
 _LOG_ZERO = -1e30
+
+# The math of one chunk of rows, given the rows themselves (see divergence_rows): student rows [C, V] and the
+# teacher rows [C, V] or the target ids [C] -> float32 scalar sum (autograd) ...
+RowsSum = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# ... or that sum with its float32 [C, V] gradient w.r.t. the student rows, by hand (may overwrite its inputs).
+RowsSumAndGrad = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 # A chunk's loss from (student rows [C, V] in the input dtype, batch ids [C], position ids [C]): a float32
 # scalar sum over the rows (differentiable, autograd) ...
@@ -118,10 +127,46 @@ def token_divergence(
             different tokenizers); a mask of the wrong shape or with values other than 0/1; ``temperature``,
             ``beta``, ``alpha``, ``top_k`` or ``chunk_size`` out of range.
     """
+    _check_logits(student_logits, teacher_logits)
+    rows_sum, rows_sum_and_grad = divergence_rows(kind, student_logits.shape[-1], temperature, beta, alpha, top_k)
+    _check_chunk_size(chunk_size)
+    keep = _check_mask(mask, tuple(student_logits.shape[:2]))
+
+    teacher_logits = teacher_logits.detach()
+    if rows_sum is None:  # identically 0, with no dependence on the student
+        return student_logits.sum().float() * 0.0
+
+    def chunk_sum(student_rows: torch.Tensor, b: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+        return rows_sum(student_rows, teacher_logits[b, l])
+
+    def chunk_sum_and_grad(
+        student_rows: torch.Tensor, b: torch.Tensor, l: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return rows_sum_and_grad(student_rows, teacher_logits[b, l])
+
+    return _masked_row_mean(
+        student_logits, keep, chunk_sum, chunk_sum_and_grad, chunk_size, scale=temperature**2
+    )
+
+
+def divergence_rows(
+    kind: Divergence,
+    vocab: int,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    top_k: int | None = None,
+) -> tuple[RowsSum | None, RowsSumAndGrad | None]:
+    """The per-chunk math of :func:`token_divergence`, for callers that produce the logit rows themselves.
+
+    Validates the parameters exactly as :func:`token_divergence` does and returns two functions of
+    ``(student rows [C, V], teacher rows [C, V])``: the summed divergence with plain autograd (the reference),
+    and that sum together with its float32 ``[C, V]`` gradient w.r.t. the student rows, derived by hand (the
+    memory-lean path; it may overwrite both inputs, so give it fresh rows). Neither applies the ``T**2`` scale
+    or the mean. ``(None, None)`` means the divergence is identically 0 (skew divergences at ``alpha = 1``).
+    """
     if kind not in DIVERGENCES:
         raise ValueError(f"unknown divergence kind {kind!r}; valid choices: {', '.join(DIVERGENCES)}")
-    _check_logits(student_logits, teacher_logits)
-    vocab = student_logits.shape[-1]
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature={temperature!r} must be a finite number > 0")
     for name, value in (("beta", beta), ("alpha", alpha)):
@@ -129,25 +174,17 @@ def token_divergence(
             raise ValueError(f"{name}={value!r} must lie in [0, 1]")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= vocab):
         raise ValueError(f"top_k={top_k!r} must be None or an integer in [1, V={vocab}]")
-    _check_chunk_size(chunk_size)
-    keep = _check_mask(mask, tuple(student_logits.shape[:2]))
-
-    teacher_logits = teacher_logits.detach()
     if kind in ("skew_kl", "skew_reverse_kl") and alpha == 1.0:
-        # The mixture is the first distribution itself: identically 0, with no dependence on the student.
-        return student_logits.sum().float() * 0.0
+        # The mixture is the first distribution itself.
+        return None, None
 
-    def chunk_sum(student_rows: torch.Tensor, b: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-        return _row_divergence(student_rows, teacher_logits[b, l], kind, temperature, beta, alpha, top_k).sum()
+    def rows_sum(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return _row_divergence(student, teacher, kind, temperature, beta, alpha, top_k).sum()
 
-    def chunk_sum_and_grad(
-        student_rows: torch.Tensor, b: torch.Tensor, l: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return _divergence_sum_and_grad(student_rows, teacher_logits[b, l], kind, temperature, beta, alpha, top_k)
+    def rows_sum_and_grad(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _divergence_sum_and_grad(student, teacher, kind, temperature, beta, alpha, top_k)
 
-    return _masked_row_mean(
-        student_logits, keep, chunk_sum, chunk_sum_and_grad, chunk_size, scale=temperature**2
-    )
+    return rows_sum, rows_sum_and_grad
 
 
 def chunked_cross_entropy(
@@ -190,18 +227,31 @@ def chunked_cross_entropy(
         raise ValueError(f"label {bad[0].item()} is out of range: labels must be in [0, V={vocab}) or {IGNORE_INDEX}")
 
     def chunk_sum(rows: torch.Tensor, b: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(rows.float(), labels[b, l], reduction="sum")
+        return cross_entropy_rows_sum(rows, labels[b, l])
 
     def chunk_sum_and_grad(rows: torch.Tensor, b: torch.Tensor, l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s = rows.float()  # [C, V]
-        target = labels[b, l].unsqueeze(-1)  # [C, 1]
-        lse = s.logsumexp(-1, keepdim=True)  # [C, 1]
-        total = (lse - s.gather(-1, target)).sum()
-        grad = s.sub_(lse).exp_()  # softmax(s) - onehot(label), in place
-        grad.scatter_add_(-1, target, grad.new_full(target.shape, -1.0))
-        return total, grad
+        return cross_entropy_rows_sum_and_grad(rows, labels[b, l])
 
     return _masked_row_mean(logits, keep, chunk_sum, chunk_sum_and_grad, chunk_size, scale=1.0)
+
+
+def cross_entropy_rows_sum(rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed float32 cross-entropy of logit rows ``[C, V]`` against token ids ``[C]`` (plain autograd)."""
+    return F.cross_entropy(rows.float(), targets, reduction="sum")
+
+
+def cross_entropy_rows_sum_and_grad(rows: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`cross_entropy_rows_sum` and its float32 ``[C, V]`` gradient w.r.t. ``rows``, by hand.
+
+    ``rows`` may be overwritten (float32 rows are used in place): give it a fresh tensor.
+    """
+    s = rows.float()  # [C, V]
+    target = targets.unsqueeze(-1)  # [C, 1]
+    lse = s.logsumexp(-1, keepdim=True)  # [C, 1]
+    total = (lse - s.gather(-1, target)).sum()
+    grad = s.sub_(lse).exp_()  # softmax(s) - onehot(label), in place
+    grad.scatter_add_(-1, target, grad.new_full(target.shape, -1.0))
+    return total, grad
 
 
 # ------------------------------------------------------------------------------------------ the math

@@ -3,8 +3,14 @@
 
 Both read logits ``[B, L, V]`` and the batch's token mask / labels, which the causal-LM collator
 (``scaledkd/data/lm.py``) already aligns with the logits: position ``i`` predicts token ``i + 1``, and padding,
-prompt tokens and predictions across a document boundary are masked out. They call the chunked functions of
-:mod:`scaledkd.losses.divergence`, so a ``[B, L, V]`` float32 log-softmax of both models is never held at once.
+prompt tokens and predictions across a document boundary are masked out.
+
+By default (``head_chunks: true``) they declare ``logits_from_head``: the engine then hands them each model's
+final hidden states and output head instead of logits, and :mod:`scaledkd.losses.head` applies the head to
+``chunk_size`` scored tokens at a time, so no ``[B, L, V]`` tensor of either model exists. With
+``head_chunks: false`` (or when another loss needs full logits) they call the chunked functions of
+:mod:`scaledkd.losses.divergence` on full logits, so a ``[B, L, V]`` float32 log-softmax of both models is
+still never held at once.
 
 A KD + CE mix is two terms (``lm_kd`` and ``lm_task`` with their weights), each logged on its own.
 """
@@ -16,11 +22,26 @@ import torch
 
 from .base import DistillLoss, LossBatch, LossSetup, ModelOutputs, register_loss
 from .divergence import DIVERGENCES, chunked_cross_entropy, token_divergence
+from .head import head_cross_entropy, head_token_divergence
 
 
 def _check_chunk_size(name: str, chunk_size: int | None) -> None:
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"loss {name!r}: chunk_size={chunk_size!r} must be an integer >= 1 or null (unchunked)")
+
+
+def _check_head_chunks(name: str, head_chunks: bool) -> bool:
+    if not isinstance(head_chunks, bool):
+        raise ValueError(f"loss {name!r}: head_chunks={head_chunks!r} must be true or false")
+    return head_chunks
+
+
+def _full_logits(outputs: ModelOutputs) -> torch.Tensor:
+    """``[B, L, V]`` logits of a model whose head the engine skipped (another loss of the run wanted them in
+    full from the other model): the head applied to all positions, as the model itself would."""
+    if outputs.logits is not None:
+        return outputs.logits
+    return outputs.head.module(outputs.hidden_final)
 
 
 @register_loss("lm_kd")
@@ -32,9 +53,12 @@ class LanguageModelKD(DistillLoss):
     (MiniLLM, Gu et al. 2024), ``jsd`` with ``beta`` (GKD, Agarwal et al. 2024), ``skew_kl`` /
     ``skew_reverse_kl`` with ``alpha`` (DistiLLM, Ko et al. 2024) or ``tvd``; see
     :func:`~scaledkd.losses.divergence.token_divergence` for the exact conventions. ``top_k`` compares only the
-    teacher's top-k ids (both renormalised). ``chunk_size`` scored tokens are processed at a time.
+    teacher's top-k ids (both renormalised). ``chunk_size`` scored tokens are processed at a time;
+    ``head_chunks`` (default true) takes them from the models' final hidden states and output heads so that no
+    ``[B, L, V]`` logits exist (false: the full-logits reference path).
 
-    Shapes: logits ``[B, L, V]`` (same V: one tokenizer), mask ``[B, L]`` aligned with the logits.
+    Shapes: logits ``[B, L, V]`` (same V: one tokenizer) or final hidden states ``[B, L, D]`` with the head,
+    mask ``[B, L]`` aligned with them.
     """
 
     needs = frozenset({"teacher", "logits"})
@@ -42,9 +66,10 @@ class LanguageModelKD(DistillLoss):
 
     def __init__(self, setup: LossSetup, divergence: str = "forward_kl", temperature: float = 1.0,
                  beta: float = 0.5, alpha: float = 0.1, top_k: int | None = None,
-                 chunk_size: int | None = 256) -> None:
+                 chunk_size: int | None = 256, head_chunks: bool = True) -> None:
         super().__init__(setup)
         where = f"loss {setup.name!r}"
+        self.logits_from_head = _check_head_chunks(setup.name, head_chunks)
         if divergence not in DIVERGENCES:
             raise ValueError(f"{where}: divergence={divergence!r} is not valid; choose one of {list(DIVERGENCES)}")
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
@@ -67,28 +92,40 @@ class LanguageModelKD(DistillLoss):
         self.chunk_size = chunk_size
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: LossBatch) -> torch.Tensor:
-        return token_divergence(
-            student.logits, teacher.logits, batch.token_mask, kind=self.divergence, temperature=self.temperature,
-            beta=self.beta, alpha=self.alpha, top_k=self.top_k, chunk_size=self.chunk_size,
-        )
+        params = dict(kind=self.divergence, temperature=self.temperature, beta=self.beta, alpha=self.alpha,
+                      top_k=self.top_k, chunk_size=self.chunk_size)
+        if self.logits_from_head and student.logits is None:
+            if teacher.logits is None:
+                return head_token_divergence(student.hidden_final, student.head, batch.token_mask,
+                                             teacher_hidden=teacher.hidden_final, teacher_head=teacher.head, **params)
+            return head_token_divergence(student.hidden_final, student.head, batch.token_mask,
+                                         teacher_logits=teacher.logits, **params)
+        return token_divergence(_full_logits(student), _full_logits(teacher), batch.token_mask, **params)
 
 
 @register_loss("lm_task")
 class LanguageModelTask(DistillLoss):
     """Hard-label next-token cross-entropy of the student, mean over scored tokens (labels != -100).
 
-    Shapes: logits ``[B, L, V]``, labels ``[B, L]`` aligned with the logits (label ``i`` = token ``i + 1``).
+    ``head_chunks`` (default true): computed from the final hidden states and the output head, ``chunk_size``
+    labelled tokens at a time, without ``[B, L, V]`` logits (false: the full-logits reference path).
+
+    Shapes: logits ``[B, L, V]`` or final hidden states ``[B, L, D]`` with the head, labels ``[B, L]`` aligned
+    with them (label ``i`` = token ``i + 1``).
     """
 
     needs = frozenset({"labels", "logits"})
     tasks = frozenset({"causal_lm"})
 
-    def __init__(self, setup: LossSetup, chunk_size: int | None = 256) -> None:
+    def __init__(self, setup: LossSetup, chunk_size: int | None = 256, head_chunks: bool = True) -> None:
         super().__init__(setup)
         _check_chunk_size(setup.name, chunk_size)
+        self.logits_from_head = _check_head_chunks(setup.name, head_chunks)
         self.chunk_size = chunk_size
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: LossBatch) -> torch.Tensor:
         if batch.labels is None:
             raise ValueError(f"loss {self.setup.name!r} needs next-token labels, but the batch has none")
-        return chunked_cross_entropy(student.logits, batch.labels, chunk_size=self.chunk_size)
+        if self.logits_from_head and student.logits is None:
+            return head_cross_entropy(student.hidden_final, student.head, batch.labels, chunk_size=self.chunk_size)
+        return chunked_cross_entropy(_full_logits(student), batch.labels, chunk_size=self.chunk_size)
