@@ -25,7 +25,7 @@ from torch import nn
 from .. import arch
 from ..inputs import loss_batch, model_inputs
 from ..losses import DistillLoss, ModelOutputs
-from ..losses.head import OutputHead, output_head
+from ..losses.head import FusedHead, OutputHead, output_head
 from ..mixup import CLEAN_MASK, LAMBDA, PROGRESS, STEP, EmbeddingMixup, MixedOutputs
 from ..taps import Captures, Tap, TapManager
 
@@ -42,14 +42,14 @@ def _head_form(model: nn.Module, readers: list[DistillLoss]) -> OutputHead | Non
     params = list(head.parameters())
 
     def gathered():
-        # Partitioned (ZeRO-3) weights are gathered once for a whole chunk loop, on every rank alike.
+        # Partitioned (ZeRO-3) weights are gathered once for a whole no-grad chunk loop, on every rank alike.
         if any(hasattr(p, "ds_id") for p in params):
             import deepspeed
 
             return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         return contextlib.nullcontext()
 
-    return OutputHead(head, gathered)
+    return OutputHead(head, gathered, FusedHead(head))
 
 
 def _final_hidden(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -112,6 +112,9 @@ class DistillModule(nn.Module):
         if mixup is not None:
             mixup.attach(student)
         self.head = _head_form(student, [loss for loss in losses.values() if "logits" in loss.needs])
+        # A submodule, so that the student's engine hooks it (the head itself stays the student's).
+        self.fused_head = self.head.fused if self.head is not None else None
+        self._head_registered = False
 
     @torch.no_grad()
     def _clean_forward(self, batch: Mapping[str, torch.Tensor]) -> Captures:
@@ -151,8 +154,21 @@ class DistillModule(nn.Module):
         :class:`TeacherRunner`'s ``head``)."""
         return all(loss.logits_from_head for loss in self.losses.values() if {"teacher", "logits"} <= loss.needs)
 
+    def _register_head(self) -> None:
+        """Under ZeRO-3 (parameters carry ``ds_id`` once the engine wraps this module), tell DeepSpeed that
+        :class:`FusedHead`'s forward and backward use the head's weights (see its docstring)."""
+        self._head_registered = True
+        params = list(self.head.module.parameters())
+        if any(hasattr(p, "ds_id") for p in params):
+            import deepspeed
+
+            for p in params:
+                deepspeed.zero.register_external_parameter(self.fused_head, p)
+
     def forward(self, batch: Mapping[str, torch.Tensor], teacher: ModelOutputs | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.head is not None and not self._head_registered:
+            self._register_head()
         mixed = self.mixup is not None and LAMBDA in batch
         clean = self._clean_forward(batch) if mixed and self.wants_clean else None
         with self.taps.capture() as captures, (self.mixup.applied(batch) if mixed else contextlib.nullcontext()):

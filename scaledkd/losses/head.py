@@ -34,7 +34,7 @@ from .divergence import (
     divergence_rows,
 )
 
-__all__ = ["HEAD_ARCHS", "OutputHead", "head_cross_entropy", "head_token_divergence", "output_head"]
+__all__ = ["HEAD_ARCHS", "FusedHead", "OutputHead", "head_cross_entropy", "head_token_divergence", "output_head"]
 
 # config.model_type values whose causal-LM forward computes ``logits = lm_head(last_hidden_state)`` and nothing
 # else (checked in transformers 5's modeling files: the final norm is inside the base model, the head is a plain
@@ -47,18 +47,50 @@ _ChunkSum = Callable[[torch.Tensor, slice], torch.Tensor]
 _ChunkSumAndGrad = Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]]
 
 
+class FusedHead(nn.Module):
+    """The chunk loop with gradients (:class:`_FusedHeadRows`) run as the forward of a module of its own.
+
+    The engine registers the head's parameters as this module's external parameters under ZeRO-3
+    (``deepspeed.zero.register_external_parameter``), so DeepSpeed gathers them once for this call, and again
+    before this call's backward, when autograd accumulates the weight's gradient into the parameter: that
+    needs the full weight, which a partitioned parameter only has while a module using it runs.
+
+    Args:
+        head: the ``nn.Linear(D, V)`` output head. Held by reference, not as a submodule: it stays the model's
+            (one owner, no duplicate keys in state dicts).
+    """
+
+    def __init__(self, head: nn.Linear) -> None:
+        super().__init__()
+        self._head = [head]
+
+    @property
+    def head(self) -> nn.Linear:
+        return self._head[0]
+
+    def forward(self, rows: torch.Tensor, chunk_sum_and_grad: _ChunkSumAndGrad, chunk_size: int,
+                scale: float) -> torch.Tensor:
+        """``scale * sum over chunks of loss(head(rows[chunk]))`` for rows ``[M, D]``: a float32 scalar."""
+        head = self.head
+        return _FusedHeadRows.apply(rows, head.weight, head.bias, chunk_sum_and_grad, chunk_size, scale)
+
+
 @dataclass(frozen=True)
 class OutputHead:
     """A causal LM's output layer as the losses apply it: ``logits = module(hidden_final)``.
 
     Attributes:
         module: the model's ``lm_head`` (``nn.Linear(D, V)``; its weight may be the input embedding matrix).
-        gathered: a context in which ``module``'s parameters hold their full values. The engine supplies it:
-            under ZeRO-3 it gathers the partitioned weight once for a whole chunk loop (a no-op otherwise).
+        gathered: a context in which ``module``'s parameters hold their full values, for the chunk loops without
+            gradient. The engine supplies it: under ZeRO-3 it gathers the partitioned weights once per loop on
+            every rank (a no-op otherwise).
+        fused: the :class:`FusedHead` the loops with gradient run in (the engine registers it with the student
+            so that ZeRO-3 gathers the head for it); None builds an unregistered one, enough without ZeRO-3.
     """
 
-    module: nn.Module
+    module: nn.Linear
     gathered: Callable[[], AbstractContextManager] = field(default=contextlib.nullcontext)
+    fused: FusedHead | None = None
 
 
 def output_head(model: nn.Module) -> nn.Linear | None:
@@ -216,12 +248,13 @@ def _head_row_mean(
             return chunk_sum(head.module(rows), slice(0, n)) * scale
     module = head.module
     with contextlib.ExitStack() as stack:
-        for h in (head, *also_gathered):
-            stack.enter_context(h.gathered())
+        for other in also_gathered:
+            stack.enter_context(other.gathered())
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (rows, *module.parameters())):
+            fused = head.fused if head.fused is not None else FusedHead(module)
+            return fused(rows, chunk_sum_and_grad, chunk_size, scale)
+        stack.enter_context(head.gathered())
         weight, bias = module.weight, module.bias
-        if torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad
-                                        or (bias is not None and bias.requires_grad)):
-            return _FusedHeadRows.apply(rows, weight, bias, chunk_sum_and_grad, chunk_size, scale)
         with torch.no_grad():
             total = rows.new_zeros((), dtype=torch.float32)
             for start in range(0, n, chunk_size):
@@ -239,11 +272,12 @@ class _FusedHeadRows(torch.autograd.Function):
     - ZeRO-3. Every call of a partitioned module all-gathers its weight, a collective. Per-chunk head calls (and
       their recomputation in the backward) would make one gather per chunk, and the number of chunks is each
       rank's own number of scored tokens, so ranks would issue different numbers of collectives and hang or
-      mix up their buffers. Here the head weights are gathered exactly once per loss call, by the engine's
-      :attr:`OutputHead.gathered` context, on every rank. The weight's gradient still reaches the parameter
-      through autograd: it is this Function's gradient for its ``weight`` input, so autograd accumulates it
-      (together with the input-embedding gradient when the weights are tied) and ZeRO's gradient hooks
-      reduce and partition it exactly once, as for any parameter. Assigning ``.grad`` by hand would bypass both.
+      mix up their buffers. Here the student's head weights are gathered once per loss call and once for its
+      backward, by :class:`FusedHead` (this Function's only caller), on every rank; the teacher's once per loss
+      call by its :attr:`OutputHead.gathered`. The weight's gradient still reaches the parameter through
+      autograd: it is this Function's gradient for its ``weight`` input, so autograd accumulates it (together
+      with the input-embedding gradient when the weights are tied) and ZeRO's gradient hooks reduce and
+      partition it exactly once, as for any parameter. Assigning ``.grad`` by hand would bypass both.
     - Cost. Each chunk's logits are computed once (checkpointing recomputes the student's and the teacher's in
       the backward), and the per-chunk gradient is the hand-derived one of
       :mod:`~scaledkd.losses.divergence` (about four ``[C, V]`` float32 buffers, against nine under autograd).
