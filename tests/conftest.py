@@ -59,14 +59,19 @@ def tiny_config(model_type: str, *, layers: int = 4, width: int = 64, heads: int
         kw = dict(n_embd=width, n_layer=layers, n_head=heads, n_inner=2 * width, n_positions=SEQ + 8,
                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0,
                   bos_token_id=1, eos_token_id=2, pad_token_id=PAD)
-    elif model_type in ("llama", "qwen2", "mistral"):
+    elif model_type in ("llama", "qwen2", "mistral", "qwen3"):
         if kv_heads is None:
             kv_heads = heads // 2 if heads > 1 else 1
         kw = dict(hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
                   num_key_value_heads=kv_heads, intermediate_size=2 * width, max_position_embeddings=SEQ + 8,
                   attention_dropout=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=PAD)
-        if model_type == "llama":
+        if model_type in ("llama", "qwen3"):
             kw["head_dim"] = width // heads
+    elif model_type == "mpnet":
+        # Padding id 1: MPNet's embeddings hard-code it, and position ids start after it (as RoBERTa's).
+        kw = dict(hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * width,
+                  max_position_embeddings=SEQ + 8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                  pad_token_id=1, bos_token_id=0, eos_token_id=2)
     else:  # pragma: no cover - a typo in a test
         raise ValueError(f"no tiny config for {model_type!r}")
     kw["vocab_size"] = VOCAB

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -45,7 +46,7 @@ def lb(batch, **kw) -> LossBatch:
 
 def replace(outputs: ModelOutputs, kind: str, layer: int, value: torch.Tensor) -> ModelOutputs:
     """A copy of ``outputs`` with one capture replaced (captures dicts are copied, tensors shared)."""
-    cap = Captures(**{k: dict(getattr(outputs.captures, k)) for k in ("hidden", "q", "k", "v")})
+    cap = Captures(**{f.name: dict(getattr(outputs.captures, f.name)) for f in dataclasses.fields(Captures)})
     getattr(cap, kind)[layer] = value
     return ModelOutputs(logits=outputs.logits, captures=cap)
 
@@ -548,7 +549,9 @@ def test_gqa_scores_repeat_key_heads_like_the_model():
     q, k = torch.randn(B, L, 64), torch.randn(B, L, 32)
     k_heads = k.view(B, L, 2, 16).transpose(1, 2)  # [B, 2, L, 16]
     k_full = repeat_kv(k_heads, 2).transpose(1, 2).reshape(B, L, 64)
-    torch.testing.assert_close(scores(*head_qk(Captures(q={1: q}, k={1: k}), 1, gqa)),
-                               scores(*head_qk(Captures(q={1: q}, k={1: k_full}), 1, mha)))
+    angles = torch.randn(B, L, 8).repeat(1, 1, 2)  # rotary (cos, sin) [B, L, d], rotating keys before sharing
+    rope = {1: (angles.cos(), angles.sin())}
+    torch.testing.assert_close(scores(*head_qk(Captures(q={1: q}, k={1: k}, rope=rope), 1, gqa)),
+                               scores(*head_qk(Captures(q={1: q}, k={1: k_full}, rope=rope), 1, mha)))
     loss = build_loss("attn_kl", LossSetup(gqa, gqa, None, "causal_lm", "attn_kl", causal=True), {})
     assert loss.pairs == [(4, 4)]

@@ -2,9 +2,10 @@
 
 Scores are rebuilt from the tapped projections only for the distilled layers, so both models keep their fused
 attention kernels (SDPA/flash never materialise probabilities, and ``output_attentions`` returns nothing with
-SDPA in transformers 5). For rotary-embedding decoders (Llama family) Q and K are tapped before the rotation,
-so their scores are content scores without the position rotation; relation losses (MiniLMv2) are defined on
-the projections and are unaffected.
+SDPA in transformers 5). Positions are put back as the block's attention applies them (:func:`head_qk`): rotary
+decoders (Llama family) get Q and K rotated with the ``(cos, sin)`` their attention received, MPNet gets its
+relative-position bias added, so the rebuilt scores are the model's real ones. Relation losses (MiniLMv2) are
+defined on the projections themselves and use no positions.
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..arch import attention_geometry
+from ..arch import arch_of, attention_geometry
 from ..mappings import resolve_mapping
+from ..positions import apply_rope
 from ..taps import Captures, Tap
 from .base import DistillLoss, LossBatch, LossSetup, ModelOutputs, register_loss
 
@@ -60,19 +62,30 @@ def head_qk(captures: Captures, layer: int, config) -> tuple[torch.Tensor, torch
     Returns float32 ``q [B, H, L, d]``, ``k [B, H, L, d]`` (GQA key heads repeated to H) and an additive score
     bias broadcastable to ``[B, H, L, L]`` (None when the architecture adds none), so that the block's
     pre-softmax, pre-mask scores are ``q k^T / sqrt(d) + bias``. Every attention-map loss reads its heads here,
-    so position handling lives in one place.
+    so position handling lives in one place: rotary families (``Arch.positions == "rope"``) rotate q and k with
+    the captured ``(cos, sin)``; MPNet (``"bias"``) returns its captured relative-position bias ``[B, H, L, L]``.
     """
     heads, kv_heads, _ = attention_geometry(config)
     qh = split_heads(captures.q[layer].float(), heads)
     kh = split_heads(captures.k[layer].float(), kv_heads)
+    bias = None
+    positions = arch_of(config).positions
+    if positions == "rope":
+        cos, sin = captures.get(Tap("rope", layer))
+        qh, kh = apply_rope(qh, cos, sin), apply_rope(kh, cos, sin)  # rotate before sharing keys, as the model
+    elif positions == "bias":
+        bias = captures.get(Tap("bias", layer)).float()
     if kv_heads != heads:
         kh = kh.repeat_interleave(heads // kv_heads, dim=1)
-    return qh, kh, None
+    return qh, kh, bias
 
 
-def qk_taps(layers) -> set[Tap]:
-    """The taps :func:`head_qk` reads for the given blocks."""
-    return {Tap(kind, layer) for layer in layers for kind in "qk"}
+def qk_taps(layers, config) -> set[Tap]:
+    """The taps :func:`head_qk` reads for the given blocks of a model with ``config``: q, k and, where the
+    architecture passes positions to its attention, those (``rope`` or ``bias``)."""
+    positions = arch_of(config).positions
+    kinds = ("q", "k") if positions is None else ("q", "k", positions)
+    return {Tap(kind, layer) for layer in layers for kind in kinds}
 
 
 def scores(qh: torch.Tensor, kh: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -113,7 +126,8 @@ class AttentionKL(_LayerPairs):
         self._check_heads()
 
     def taps(self) -> tuple[set[Tap], set[Tap]]:
-        return qk_taps(s for s, _ in self.pairs), qk_taps(t for _, t in self.pairs)
+        return (qk_taps((s for s, _ in self.pairs), self.setup.student_config),
+                qk_taps((t for _, t in self.pairs), self.setup.teacher_config))
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: LossBatch) -> torch.Tensor:
         allowed = key_mask(batch.attention_mask, self.setup.causal)
@@ -139,7 +153,8 @@ class AttentionMSE(_LayerPairs):
         self.masked = masked
 
     def taps(self) -> tuple[set[Tap], set[Tap]]:
-        return qk_taps(s for s, _ in self.pairs), qk_taps(t for _, t in self.pairs)
+        return (qk_taps((s for s, _ in self.pairs), self.setup.student_config),
+                qk_taps((t for _, t in self.pairs), self.setup.teacher_config))
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: LossBatch) -> torch.Tensor:
         allowed = key_mask(batch.attention_mask, self.setup.causal)

@@ -62,7 +62,7 @@ class CRILDConsistency(DistillLoss):
         self.needs = frozenset({"clean", *(["qkv"] if self.attn else []), *(["hidden"] if self.hidden else [])})
 
     def taps(self) -> tuple[set[Tap], set[Tap]]:
-        taps = qk_taps([self.layer]) if self.attn else set()
+        taps = qk_taps([self.layer], self.setup.student_config) if self.attn else set()
         return taps | ({Tap("hidden", self.layer)} if self.hidden else set()), set()
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: LossBatch) -> torch.Tensor:
