@@ -13,6 +13,7 @@ import torch
 from .losses.base import LossBatch
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+EXAMPLE_IDS = "example_ids"  # [B] long: a training batch's rows of the prepared train split (teacher-cache lookups)
 
 Batch = dict[str, Any]
 

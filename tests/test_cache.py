@@ -1,0 +1,196 @@
+"""The teacher-output cache: training from it equals training with the live teacher, the teacher is never loaded,
+stale caches and uncacheable recipes are refused with the reason, and the CLI builds and uses it."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from scaledkd import cli, models
+from scaledkd.build import resolve
+from scaledkd.cache import MANIFEST, CachedTeacher, StaleCache, TeacherCache, build_cache
+from scaledkd.config import ConfigError, config_from_dict
+from tests.tiny import REPO, WORDS, tiny_recipe, write_recipe
+
+LOSSES = [{"name": "task", "weight": 0.5}, {"name": "logit_kd", "weight": 0.5}, {"name": "hidden_mse"},
+          {"name": "attn_kl"}, {"name": "minilm_value"}]
+
+
+@pytest.fixture(scope="module")
+def ragged(tmp_path_factory, tiny_assets) -> tuple[Path, Path]:
+    """The tiny teacher and an SST-2 folder whose sentences have 2 to 14 words: every batch is padded."""
+    rng = random.Random(0)
+    root = tmp_path_factory.mktemp("ragged")
+    (root / "SST-2").mkdir()
+    for name, n in (("train.tsv", 96), ("dev.tsv", 32)):
+        lines = ["sentence\tlabel"]
+        for i in range(n):
+            words = rng.choices(WORDS, k=rng.randint(1, 13)) + ["good" if i % 2 else "bad"]
+            lines.append(" ".join(words) + "\t" + str(i % 2))
+        (root / "SST-2" / name).write_text("\n".join(lines) + "\n")
+    return tiny_assets[0], root
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+    monkeypatch.chdir(REPO)  # recipes name ds_configs/ relative to the repository
+
+
+def _cfg(tmp_path: Path, teacher: Path, data_dir: Path, cache: Path | None, *, out: str = "run", losses=None,
+         **overrides):
+    recipe = tiny_recipe(tmp_path, teacher, data_dir, losses=losses or LOSSES, **overrides)
+    recipe["output_dir"] = str(tmp_path / out)
+    if cache is not None:
+        recipe["teacher"]["cache"] = str(cache)
+    return config_from_dict(recipe)
+
+
+def _step_records(run_dir: Path) -> list[dict]:
+    lines = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [x for x in lines if "step" in x and "event" not in x]
+
+
+@pytest.mark.slow
+def test_training_from_the_cache_equals_the_live_teacher(ragged, tmp_path, monkeypatch):
+    from scaledkd.engine import run as run_mod
+
+    teacher, data_dir = ragged
+    cache = tmp_path / "cache"
+    # Small shards, so the batches read rows from several files.
+    summary = build_cache(_cfg(tmp_path, teacher, data_dir, cache), shard_bytes=64 * 1024)
+    assert summary["built"] and summary["rows"] == 96 and summary["shards"] > 1
+    assert summary["logits"] and {"hidden.4", "q.4", "k.4", "v.4"} <= set(summary["taps"])
+
+    live = run_mod.setup(resolve(_cfg(tmp_path, teacher, data_dir, None, out="live")))
+    run_mod.train(live)
+
+    loaded = []
+    real_load = models.load_pretrained
+    monkeypatch.setattr(models, "load_pretrained", lambda path, *a, **k: loaded.append(path) or real_load(path, *a, **k))
+    cached = run_mod.setup(resolve(_cfg(tmp_path, teacher, data_dir, cache, out="cached")))
+    assert isinstance(cached.teacher, CachedTeacher) and cached.teacher_model is None
+    run_mod.train(cached)
+    assert str(teacher) not in loaded  # the teacher was never built
+
+    want, got = _step_records(tmp_path / "live"), _step_records(tmp_path / "cached")
+    assert [r["step"] for r in got] == [1, 2, 3]
+    for w, g in zip(want, got, strict=True):
+        for term in ("loss", "task", "logit_kd", "hidden_mse", "attn_kl", "minilm_value"):
+            assert g[term] == pytest.approx(w[term], abs=1e-6, rel=0), (w["step"], term)
+
+    # A batch straight from the loop: the cached captures are the live teacher's at real tokens, zeros at padding
+    # (the batch is padded, so padded keys and queries are part of the comparison above).
+    batch = next(live.batches(0))
+    mask = batch["attention_mask"].bool()
+    assert not mask.all()
+    t_live, t_cache = live.teacher(batch), cached.teacher(batch)
+    torch.testing.assert_close(t_cache.logits, t_live.logits, rtol=0, atol=1e-6)
+    for kind in ("hidden", "q", "k", "v"):
+        for layer, value in getattr(t_live.captures, kind).items():
+            stored = getattr(t_cache.captures, kind)[layer]
+            torch.testing.assert_close(stored[mask], value[mask], rtol=0, atol=1e-5)
+            assert not stored[~mask].any()
+
+
+def test_stale_cache_is_refused_naming_what_changed(ragged, tmp_path):
+    _, data_dir = ragged
+    teacher = tmp_path / "teacher"
+    shutil.copytree(ragged[0], teacher)
+    cache = tmp_path / "cache"
+    losses = [{"name": "logit_kd"}, {"name": "hidden_mse", "mapping": [[1, 2], [2, 4]]}]
+    build_cache(_cfg(tmp_path, teacher, data_dir, cache, losses=losses))
+    resolve(_cfg(tmp_path, teacher, data_dir, cache, losses=losses))  # up to date: accepted
+
+    with pytest.raises(StaleCache, match=r"tokenisation changed \(data.max_length: 32 -> 16\)"):
+        resolve(_cfg(tmp_path, teacher, data_dir, cache, losses=losses, data__max_length=16))
+    with pytest.raises(StaleCache, match=r"taps changed \(the recipe reads hidden.3"):
+        resolve(_cfg(tmp_path, teacher, data_dir, cache, losses=[{"name": "hidden_mse", "mapping": [[1, 3]]}]))
+    with pytest.raises(StaleCache, match=r"training examples changed .*data.max_train_samples: None -> 50"):
+        resolve(_cfg(tmp_path, teacher, data_dir, cache, losses=losses, data__max_train_samples=50))
+    # Fewer taps than the cache holds is not stale.
+    resolve(_cfg(tmp_path, teacher, data_dir, cache, losses=[{"name": "hidden_mse", "mapping": [[2, 4]]}]))
+
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(teacher / "model.safetensors")
+    name = next(k for k in weights if k.endswith("weight") and weights[k].dim() == 2)
+    weights[name] = weights[name] + 0.01
+    save_file(weights, str(teacher / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(StaleCache, match=r"teacher weights changed \(model.safetensors differs\)"):
+        resolve(_cfg(tmp_path, teacher, data_dir, cache, losses=losses))
+    # The command refuses to replace it unless asked, then rebuilds it.
+    with pytest.raises(StaleCache, match="--overwrite"):
+        build_cache(_cfg(tmp_path, teacher, data_dir, cache, losses=losses))
+    assert build_cache(_cfg(tmp_path, teacher, data_dir, cache, losses=losses), overwrite=True)["built"]
+    resolve(_cfg(tmp_path, teacher, data_dir, cache, losses=losses))
+    assert not list(tmp_path.glob(".cache.*"))  # no leftover build or replaced folders
+
+
+def test_changed_tokenised_rows_are_refused_when_the_run_opens_the_cache(ragged, tmp_path):
+    teacher, data_dir = ragged
+    cache = tmp_path / "cache"
+    build_cache(_cfg(tmp_path, teacher, data_dir, cache, losses=[{"name": "logit_kd"}]))
+    plan = resolve(_cfg(tmp_path, teacher, data_dir, cache, losses=[{"name": "logit_kd"}]))
+    from scaledkd import data
+
+    tokenizer = models.load_tokenizer(plan.tokenizer_source)
+    rows = data.prepare_split(plan.cfg.data, tokenizer, "train", 42, causal_lm=False,
+                              examples=plan.examples["train"]).rows
+    TeacherCache.open(cache, rows)
+    with pytest.raises(StaleCache, match="tokenised training rows changed"):
+        TeacherCache.open(cache, rows.select(range(95)))
+
+
+def test_uncacheable_recipes_are_refused_with_the_reason(ragged, tmp_path):
+    teacher, data_dir = ragged
+    mixup = _cfg(tmp_path, teacher, data_dir, tmp_path / "cache", losses=[{"name": "hidden_mse"}],
+                 train__mixup=True)
+    with pytest.raises(ConfigError, match="train.mixup=true: the teacher must see the student's mixed inputs"):
+        build_cache(mixup)
+    with pytest.raises(ConfigError, match="train.mixup"):
+        resolve(mixup)
+    no_teacher_losses = _cfg(tmp_path, teacher, data_dir, tmp_path / "cache", losses=[{"name": "task"}])
+    with pytest.raises(ConfigError, match="nothing to cache"):
+        build_cache(no_teacher_losses)
+    assert not (tmp_path / "cache").exists()
+    with pytest.raises(ConfigError, match="holds no teacher cache"):
+        resolve(_cfg(tmp_path, teacher, data_dir, tmp_path / "nowhere", losses=[{"name": "logit_kd"}]))
+
+
+@pytest.mark.slow
+def test_cli_cache_then_distill(ragged, tmp_path, capsys):
+    teacher, data_dir = ragged
+    cache = tmp_path / "cache"
+    recipe = write_recipe(tmp_path / "r.yaml", **tiny_recipe(tmp_path, teacher, data_dir))
+    assert cli.main(["cache", str(recipe), f"teacher.cache={cache}"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["built"] and summary["rows"] == 96 and summary["bytes_per_row"] > 0
+    assert (cache / MANIFEST).is_file()
+    assert cli.main(["cache", str(recipe), f"teacher.cache={cache}"]) == 0  # up to date: kept
+    assert json.loads(capsys.readouterr().out)["built"] is False
+    assert cli.main(["distill", str(recipe), f"teacher.cache={cache}", "train.max_steps=2"]) == 0
+    out = capsys.readouterr().out
+    assert "exported final student" in out
+    assert (tmp_path / "run" / "metrics.json").is_file()
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert cli.main(["cache", str(recipe), f"teacher.cache={foreign}"]) == 2
+    assert "holds no teacher cache" in capsys.readouterr().err
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_cached_teacher_refuses_taps_the_cache_lacks(ragged, tmp_path):
+    from scaledkd.taps import Tap
+
+    teacher, data_dir = ragged
+    cache = tmp_path / "cache"
+    build_cache(_cfg(tmp_path, teacher, data_dir, cache, losses=[{"name": "logit_kd"}]))
+    opened = TeacherCache(cache, json.loads((cache / MANIFEST).read_text()))
+    with pytest.raises(StaleCache, match="holds no hidden.2"):
+        CachedTeacher(opened, {Tap("hidden", 2)})
