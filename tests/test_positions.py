@@ -236,3 +236,28 @@ def test_real_mpnet_student_attention_is_the_models():
         rows = real_rows(batch["attention_mask"], want)
         got = probabilities(*head_qk(cap, layer, student.config), batch["attention_mask"], causal=False)
         torch.testing.assert_close(got[rows], want[rows], rtol=0, atol=1e-5)
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("model_type", ["llama", "mpnet"])
+def test_zero3_position_taps_equal_unsharded(model_type, tmp_path):
+    """Two gloo ranks: a teacher partitioned at load time gives the same positions and rebuilt scores as an
+    unsharded copy (the hooks read call arguments only, never the empty parameter shards)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.test_multiproc import TIMEOUT, _env
+    from tests.tiny import REPO, free_port
+
+    task = "causal_lm" if model_type == "llama" else "classification"
+    tiny_model(model_type, layers=2, task=task).save_pretrained(tmp_path / "model")
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(REPO / "tests" / "workers" / "zero3_positions.py"), str(tmp_path / "model"), task, str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["partitioned"], "the teacher was not partitioned: the test would prove nothing"
+    assert report["captures"] == 2 * 3  # q, k and the positions of both blocks
+    assert report["max_abs_diff"] < 1e-5
