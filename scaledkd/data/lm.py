@@ -45,7 +45,16 @@ import numpy as np
 import torch
 
 from scaledkd.config import DataConfig
-from scaledkd.data.base import SPLIT_SEED, DataError, logger, not_utf8, resolve_file, seeded_split, seeded_subset
+from scaledkd.data.base import (
+    SPLIT_SEED,
+    DataError,
+    logger,
+    not_utf8,
+    resolve_file,
+    seeded_split,
+    seeded_subset,
+)
+from scaledkd.data.sources import source_documents
 from scaledkd.data.tabular import read_table
 from scaledkd.data.text import BUILTIN_PREFIX, python_docs_text
 
@@ -134,12 +143,17 @@ def load_documents(cfg: DataConfig, split: Split, seed: int) -> datasets.Dataset
     ``SPLIT_SEED``) are the dev split. ``max_train_samples``/``max_eval_samples`` draw seeded subsets of
     documents.
 
+    With ``data.dataset``, the documents of a ``load_dataset`` source instead
+    (:func:`scaledkd.data.sources.source_documents`; streamed training documents are an ``IterableDataset``).
+
     Returns:
         A dataset with ``prompt`` (conditioning text, not scored; ``""`` for plain text) and ``text`` (scored).
 
     Raises:
         DataError: a missing or unreadable file, a missing JSON column, or no documents.
     """
+    if cfg.dataset is not None:
+        return source_documents(cfg, split, seed)
     assert cfg.train_file is not None  # DataConfig guarantees it for task=lm
     source: Split = "train" if cfg.eval_split == "train" else split
     if source == "dev" and cfg.eval_file:
@@ -203,12 +217,22 @@ def _targets(ids: list[int], unscored: int) -> np.ndarray:
     return out
 
 
+def scored_targets(ids: list[int], scored: list[int]) -> np.ndarray:
+    """Next-token targets of one document from its scored-token mask (:mod:`scaledkd.data.encode`):
+    ``out[i] = ids[i + 1]`` when ``scored[i + 1]``, else -100; the last position is never scored."""
+    ids_arr, mask = np.asarray(ids, dtype=np.int64), np.asarray(scored, dtype=bool)
+    out = np.full(len(ids_arr), IGNORE_INDEX, dtype=np.int64)
+    out[:-1] = np.where(mask[1:], ids_arr[1:], IGNORE_INDEX)
+    return out
+
+
 def pack_documents(docs: datasets.Dataset, tokenizer: Any, max_length: int, packing: bool = True,
                    shuffle_seed: int | None = None, drop_remainder: bool = True) -> datasets.Dataset:
     """Tokenise documents into causal-LM rows (see the module docstring for the boundary rules).
 
     Args:
-        docs: from :func:`load_documents` (``prompt``, ``text``).
+        docs: from :func:`load_documents` (``prompt``, ``text``), or documents tokenised already
+            (``input_ids``, ``scored``: :func:`scaledkd.data.encode.tokenize_documents`).
         tokenizer: a Hugging Face tokenizer with an EOS token.
         max_length: tokens per row.
         packing: pack into rows of exactly ``max_length``; otherwise one truncated document per row.
@@ -222,7 +246,12 @@ def pack_documents(docs: datasets.Dataset, tokenizer: Any, max_length: int, pack
         DataError: no row could be formed (fewer than ``max_length`` tokens with ``drop_remainder``) or no
             scored token.
     """
-    ids, unscored = encode_documents(docs, tokenizer)
+    if "scored" in docs.column_names:
+        ids, scored = docs["input_ids"], docs["scored"]
+        targets_of = [scored_targets(i, s) for i, s in zip(ids, scored, strict=True)]
+    else:
+        ids, unscored = encode_documents(docs, tokenizer)
+        targets_of = [_targets(i, u) for i, u in zip(ids, unscored, strict=True)]
     order = list(range(len(ids)))
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(order)
@@ -230,7 +259,7 @@ def pack_documents(docs: datasets.Dataset, tokenizer: Any, max_length: int, pack
         rows = {"input_ids": [], "labels": []}
         dropped = 0
         for i in order:
-            doc, tgt = ids[i], _targets(ids[i], unscored[i])
+            doc, tgt = ids[i], targets_of[i]
             dropped += max(0, len(doc) - max_length)
             rows["input_ids"].append(doc[:max_length])
             rows["labels"].append(tgt[:max_length].tolist())
@@ -238,7 +267,7 @@ def pack_documents(docs: datasets.Dataset, tokenizer: Any, max_length: int, pack
             logger.info("data.packing=false: %d tokens beyond data.max_length=%d were truncated", dropped, max_length)
     else:
         stream = np.fromiter((t for i in order for t in ids[i]), dtype=np.int64)
-        targets = np.concatenate([_targets(ids[i], unscored[i]) for i in order])
+        targets = np.concatenate([targets_of[i] for i in order])
         lengths = np.array([len(ids[i]) for i in order])
         starts = np.zeros(len(stream), dtype=bool)
         starts[np.cumsum(lengths)[:-1]] = True
