@@ -123,12 +123,12 @@ def perplexity(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) 
 def generate_sample(model_dir: str | Path, prompt: str, max_new_tokens: int = 40) -> dict[str, str]:
     """Greedy continuation of ``prompt`` by the causal LM saved in ``model_dir`` (reloaded from disk, so it
     shows what the exported folder does). The prompt gets the BOS that ``data.task: lm`` puts before documents."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from . import models
     from .data.lm import special_ids
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    # Through models: any model path works (an exported folder, a package, a GGUF file).
+    tokenizer = models.load_tokenizer(str(model_dir))
+    model = models.load_pretrained(str(model_dir), "causal_lm").eval()
     bos, eos = special_ids(tokenizer)
     ids = ([] if bos is None else [bos]) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
     input_ids = torch.tensor([ids])

