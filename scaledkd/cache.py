@@ -141,6 +141,29 @@ def rows_digest(rows) -> dict[str, Any]:
     return {"count": len(rows), "sha256": digest.hexdigest()}
 
 
+def _safetensors_keys(path: Path) -> list[str]:
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return [k for k in json.loads(f.read(size)) if k != "__metadata__"]
+
+
+def fresh_parameters(plan, files: list[Path]) -> list[str]:
+    """Teacher parameters its safetensors checkpoint lacks (a task head it was never trained with): the run draws
+    them from ``train.seed`` when it loads the teacher, so a cache of such a teacher is keyed on the seed too.
+    Empty when the weights are not safetensors files (nothing to compare cheaply)."""
+    stored: set[str] = set()
+    for path in files:
+        if path.name.endswith(".safetensors"):
+            stored |= set(_safetensors_keys(path))
+    if not stored:
+        return []
+    with torch.device("meta"):  # names only: no memory, no random numbers
+        model = models.auto_class(plan.task).from_config(plan.teacher_config)
+    prefix = model.base_model_prefix
+    return sorted(name for name, _ in model.named_parameters()
+                  if not {name, name.removeprefix(f"{prefix}."), f"{prefix}.{name}"} & stored)
+
+
 def cache_key(plan) -> dict[str, dict[str, Any]]:
     """What the stored outputs depend on, by component (compared by :func:`stale_reasons`)."""
     cfg = plan.cfg
@@ -150,6 +173,7 @@ def cache_key(plan) -> dict[str, dict[str, Any]]:
                if p.is_file() and (p.name.endswith(WEIGHT_SUFFIXES) or p.name.endswith(".index.json"))}
     if not weights:
         raise ValueError(f"teacher.cache: no weight files ({', '.join(WEIGHT_SUFFIXES)}) in {str(folder)!r} to hash")
+    fresh = fresh_parameters(plan, [p for p in files if p.name in weights])
     folder = folder.parent if folder.is_file() else folder
     config = folder / "config.json"
     tokenizer_folder = model_folder(plan.tokenizer_source)
@@ -157,10 +181,13 @@ def cache_key(plan) -> dict[str, dict[str, Any]]:
     tokenizer = {name: _sha256(tokenizer_folder / name) for name in TOKENIZER_FILES
                  if (tokenizer_folder / name).is_file()}
     d = cfg.data
+    teacher_config = {"config.json": _sha256(config) if config.is_file() else None, "task": plan.task,
+                      "num_labels": plan.spec.num_labels, "train.precision": cfg.train.precision}
+    if fresh:
+        teacher_config |= {"initialised from train.seed": fresh, "train.seed": cfg.train.seed}
     return {
         "teacher weights": weights,
-        "teacher config": {"config.json": _sha256(config) if config.is_file() else None, "task": plan.task,
-                           "num_labels": plan.spec.num_labels, "train.precision": cfg.train.precision},
+        "teacher config": teacher_config,
         "tokenizer": tokenizer,
         "tokenisation": {"data.max_length": d.max_length, "data.packing": d.packing, "data.documents": d.documents},
         "training examples": {"count": len(plan.examples["train"]),
@@ -491,6 +518,11 @@ def build_cache(cfg: Config, *, batch_size: int | None = None, overwrite: bool =
     taps, with_logits = teacher_reads(plan)
     names = [tap_name(t) for t in taps]
     device = _device()
+    fresh = key["teacher config"].get("initialised from train.seed")
+    if fresh:
+        log.warning("teacher %s: its checkpoint lacks %s; they are drawn from train.seed=%d as a run would draw them, "
+                    "and the cache is valid for that seed only", plan.teacher_path, ", ".join(fresh), cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # as the run seeds itself before it loads the teacher
     teacher = models.freeze(models.load_pretrained(plan.teacher_path, plan.task, plan.spec.num_labels,
                                                    PRECISIONS[cfg.train.precision])).to(device)
     tap_manager = TapManager(teacher, taps, detach=True)

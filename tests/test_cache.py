@@ -194,3 +194,36 @@ def test_cached_teacher_refuses_taps_the_cache_lacks(ragged, tmp_path):
     opened = TeacherCache(cache, json.loads((cache / MANIFEST).read_text()))
     with pytest.raises(StaleCache, match="holds no hidden.2"):
         CachedTeacher(opened, {Tap("hidden", 2)})
+
+
+def test_a_teacher_without_its_task_head_is_keyed_on_the_seed(ragged, tmp_path):
+    """A checkpoint without the task head (a bare encoder as a classification teacher): the run draws the head from
+    train.seed when it loads the teacher; the cache draws the same head and is refused for another seed."""
+    from transformers import AutoModel
+
+    from scaledkd import data
+    from scaledkd.cache import fresh_parameters
+
+    teacher, data_dir = ragged
+    bare = tmp_path / "bare"
+    AutoModel.from_pretrained(teacher).save_pretrained(bare)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(teacher / name, bare / name)
+    cache = tmp_path / "cache"
+    losses = [{"name": "logit_kd"}]
+    build_cache(_cfg(tmp_path, bare, data_dir, cache, losses=losses))
+    plan = resolve(_cfg(tmp_path, bare, data_dir, cache, losses=losses))
+    assert fresh_parameters(plan, [bare / "model.safetensors"]) == ["classifier.bias", "classifier.weight"]
+    assert fresh_parameters(plan, [teacher / "model.safetensors"]) == []
+    with pytest.raises(StaleCache, match=r"teacher config changed \(train.seed: 42 -> 43\)"):
+        resolve(_cfg(tmp_path, bare, data_dir, cache, losses=losses, train__seed=43))
+
+    rows = data.prepare_split(plan.cfg.data, models.load_tokenizer(str(bare)), "train", 42, causal_lm=False,
+                              examples=plan.examples["train"])
+    batch = rows.collate([rows.rows[i] for i in range(8)])
+    torch.manual_seed(42)  # as the run seeds itself before loading the teacher
+    live = models.load_pretrained(str(bare), "classification", 2).eval()
+    with torch.no_grad():
+        want = live(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    got = CachedTeacher(TeacherCache.open(cache, rows.rows), set())({**batch, "example_ids": torch.arange(8)}).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
