@@ -9,6 +9,15 @@ gradient it produces, excluding the inputs every implementation needs.
 "unchunked" is ``chunk_size=None`` (one plain-autograd pass over all masked tokens, i.e. what a naive
 implementation does); "chunked" is the default custom-autograd path with ``--chunk-size`` tokens per chunk.
 
+With ``--hidden-size D`` every mode starts where a causal LM's head does: final hidden states ``[B, L, D]`` of
+both models and their ``Linear(D, V)`` heads are the inputs (allocated before the baseline), so the logits, their
+gradient and the head's weight gradient all count. The modes then are "unchunked" and "chunked" (the head applied
+to all positions, then ``token_divergence``) and "head" (``head_token_divergence``: the heads applied chunk by
+chunk, no ``[B, L, V]`` tensor). The head-path runs recorded in benchmarks/results/head_logit_memory.md::
+
+    nice python benchmarks/chunked_logit_memory.py --hidden-size 256 --batch 1 --vocab 128000 --seq-len 2048 \
+        --kinds forward_kl --modes unchunked chunked head --out benchmarks/results/head_logit_memory
+
 Example (the runs recorded in benchmarks/results/chunked_logit_memory.md: B = 1, 2, then B = 3, 4 merged in, with
 the unchunked runs whose single input exceeds 500 MiB skipped: their peak, linear in B, would not fit in RAM)::
 
@@ -31,6 +40,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = ("bfloat16", "float16", "float32")
+MODES = ("unchunked", "chunked", "head")
 
 
 def _maxrss_mib() -> float:
@@ -49,6 +59,9 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
+    if args.hidden_size is not None:
+        head_worker(args, dtype)
+        return
     shape = (args.batch, args.seq_len, args.vocab)
     student = torch.randn(shape, dtype=dtype).mul_(2).requires_grad_()  # [B, L, V]
     teacher = torch.randn(shape, dtype=dtype).mul_(2)  # [B, L, V]
@@ -67,6 +80,42 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps({"peak_mib": round(peak, 1), "seconds": round(seconds, 2), "loss": loss.item()}))
 
 
+def head_worker(args: argparse.Namespace, dtype) -> None:
+    """``--hidden-size`` runs: from final hidden states and heads to the loss and every gradient."""
+    import torch
+    from torch import nn
+
+    from scaledkd.losses.divergence import token_divergence
+    from scaledkd.losses.head import OutputHead, head_token_divergence
+
+    b, length, d, vocab = args.batch, args.seq_len, args.hidden_size, args.vocab
+    s_head = nn.Linear(d, vocab, bias=False, dtype=dtype)
+    t_head = nn.Linear(d, vocab, bias=False, dtype=dtype).requires_grad_(False)
+    h_s = torch.randn(b, length, d, dtype=dtype).requires_grad_()  # [B, L, D]
+    h_t = torch.randn(b, length, d, dtype=dtype)  # [B, L, D]
+    mask = torch.ones(b, length, dtype=torch.bool)  # every token counts (worst case)
+
+    def loss_of(h_s, h_t, mask, mode, chunk_size):
+        if mode == "head":
+            return head_token_divergence(h_s, OutputHead(s_head), mask, teacher_hidden=h_t,
+                                         teacher_head=OutputHead(t_head), kind=args.kind, chunk_size=chunk_size)
+        with torch.no_grad():
+            t_logits = t_head(h_t)  # [B, L, V]
+        return token_divergence(s_head(h_s), t_logits, mask, args.kind,
+                                chunk_size=None if mode == "unchunked" else chunk_size)
+
+    # Warm up on a tiny slice (one-off allocator and dispatch costs are not the loss's peak).
+    loss_of(h_s[:, :2], h_t[:, :2], mask[:, :2], args.mode, 1).backward()
+    s_head.weight.grad, h_s.grad = None, None
+    baseline = _maxrss_mib()
+    start = time.perf_counter()
+    loss = loss_of(h_s, h_t, mask, args.mode, args.chunk_size)
+    loss.backward()
+    seconds = time.perf_counter() - start
+    peak = _maxrss_mib() - baseline
+    print(json.dumps({"peak_mib": round(peak, 1), "seconds": round(seconds, 2), "loss": loss.item()}))
+
+
 def run_one(args: argparse.Namespace, mode: str, kind: str, batch: int, vocab: int) -> dict:
     cmd = [
         sys.executable, __file__, "--worker",
@@ -74,6 +123,8 @@ def run_one(args: argparse.Namespace, mode: str, kind: str, batch: int, vocab: i
         "--seq-len", str(args.seq_len), "--chunk-size", str(args.chunk_size),
         "--dtype", args.dtype, "--threads", str(args.threads),
     ]  # fmt: skip
+    if args.hidden_size is not None:
+        cmd += ["--hidden-size", str(args.hidden_size)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -95,13 +146,17 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=300, help="seconds allowed per configuration")
     p.add_argument("--unchunked-max-input-mib", type=float, default=None,
                    help="skip the unchunked run when one input logits tensor is larger (its peak is ~16-25x that)")
+    p.add_argument("--hidden-size", type=int, default=None,
+                   help="start from final hidden states [B, L, D] and Linear(D, V) heads (enables mode 'head')")
+    p.add_argument("--modes", nargs="+", default=["unchunked", "chunked"], choices=MODES,
+                   help="implementations to measure ('head' needs --hidden-size)")
     p.add_argument("--merge", action="store_true",
                    help="keep the existing results of configurations not measured in this invocation")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "chunked_logit_memory",
                    help="output path without suffix; .md and .json are written")  # fmt: skip
     # Worker-only arguments (one configuration per subprocess).
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--mode", choices=("chunked", "unchunked"), help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--kind", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -112,41 +167,34 @@ def main() -> None:
     import torch
 
     command = "python " + shlex.join([os.path.relpath(__file__, REPO), *sys.argv[1:]])
+    if "head" in args.modes and args.hidden_size is None:
+        p.error("mode 'head' needs --hidden-size")
     bytes_per = torch.finfo(getattr(torch, args.dtype)).bits // 8
     rows = []
-    header = (
-        f"| kind | B | L | V | input logits (MiB, each) | unchunked peak (MiB) | chunked peak (MiB) "
-        f"| chunked / unchunked | unchunked s | chunked s |"
-    )
-    print(header)
-    print("|" + "---|" * 10)
+    print(_header(args.modes))
+    print("|" + "---|" * _columns(args.modes))
     for vocab in args.vocab:
         for batch in args.batch:
             for kind in args.kinds:
                 input_mib = batch * args.seq_len * vocab * bytes_per / 2**20
-                limit = args.unchunked_max_input_mib
-                if limit is not None and input_mib > limit:
-                    # Measured: the unchunked peak is ~16.5x (forward KL) to ~24.5x (JSD) one bf16 input.
-                    naive = {"error": f"skipped (est. >= {16.5 * input_mib / 1024:.0f} GiB)"}
-                else:
-                    naive = run_one(args, "unchunked", kind, batch, vocab)
-                chunked = run_one(args, "chunked", kind, batch, vocab)
-                ratio = (
-                    chunked["peak_mib"] / naive["peak_mib"] if "error" not in naive and "error" not in chunked else None
-                )
                 row = {
                     "kind": kind, "batch": batch, "seq_len": args.seq_len, "vocab": vocab,
-                    "input_mib_each": round(batch * args.seq_len * vocab * bytes_per / 2**20, 1),
-                    "unchunked": naive, "chunked": chunked, "ratio": None if ratio is None else round(ratio, 3),
+                    "input_mib_each": round(input_mib, 1),
                 }  # fmt: skip
+                for mode in args.modes:
+                    limit = args.unchunked_max_input_mib
+                    if mode == "unchunked" and limit is not None and input_mib > limit:
+                        # Measured: the unchunked peak is ~16.5x (forward KL) to ~24.5x (JSD) one bf16 input.
+                        row[mode] = {"error": f"skipped (est. >= {16.5 * input_mib / 1024:.0f} GiB)"}
+                    else:
+                        row[mode] = run_one(args, mode, kind, batch, vocab)
+                naive = row.get("unchunked", {"error": "not run"})
+                for mode, key in (("chunked", "ratio"), ("head", "head_ratio")):
+                    if mode in row:
+                        ok = "error" not in naive and "error" not in row[mode]
+                        row[key] = round(row[mode]["peak_mib"] / naive["peak_mib"], 3) if ok else None
                 rows.append(row)
-                fmt = lambda r, key: str(r.get(key, r.get("error")))  # noqa: E731
-                print(
-                    f"| {kind} | {batch} | {args.seq_len} | {vocab} | {row['input_mib_each']} "
-                    f"| {fmt(naive, 'peak_mib')} | {fmt(chunked, 'peak_mib')} "
-                    f"| {row['ratio']} | {fmt(naive, 'seconds')} | {fmt(chunked, 'seconds')} |",
-                    flush=True,
-                )
+                print(_line(row, args.modes), flush=True)
 
     previous = args.out.with_suffix(".json")
     commands = [command]
@@ -161,6 +209,7 @@ def main() -> None:
         "commands": commands,
         "dtype": args.dtype,
         "chunk_size": args.chunk_size,
+        "hidden_size": args.hidden_size,
         "threads": args.threads,
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -169,28 +218,52 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+    modes = [m for m in MODES if any(m in r for r in rows)]
+    if args.hidden_size is None:
+        title = "# Chunked vs unchunked logit divergence: peak CPU memory (forward + backward)"
+        inputs = ("Peak = growth of `ru_maxrss` over a baseline taken after the student/teacher logits were allocated, "
+                  "each configuration in a fresh subprocess; it includes the `[B, L, V]` gradient of the student logits.")
+    else:
+        title = "# Logit divergence from final hidden states and heads: peak CPU memory (forward + backward)"
+        inputs = (f"Inputs: final hidden states `[B, L, D = {args.hidden_size}]` of both models and their "
+                  "`Linear(D, V)` heads, allocated before the baseline. Peak = growth of `ru_maxrss` over that "
+                  "baseline, each configuration in a fresh subprocess: the logits (unchunked, chunked), the loss's "
+                  "intermediates and every gradient (hidden states, head weight). `head` never forms `[B, L, V]`.")
     lines = [
-        "# Chunked vs unchunked logit divergence: peak CPU memory (forward + backward)",
+        title,
         "",
         "Commands: " + "; ".join(f"`{c}`" for c in commands),
         "",
         f"torch {meta['torch']}, {meta['machine']}, {args.threads} threads; logits dtype {args.dtype}; "
         f"chunk_size {args.chunk_size}; every token masked in.",
-        "Peak = growth of `ru_maxrss` over a baseline taken after the student/teacher logits were allocated, "
-        "each configuration in a fresh subprocess; it includes the `[B, L, V]` gradient of the student logits.",
+        inputs,
         "",
-        header,
-        "|" + "---|" * 10,
+        _header(modes),
+        "|" + "---|" * _columns(modes),
     ]
-    for r in rows:
-        n, c = r["unchunked"], r["chunked"]
-        lines.append(
-            f"| {r['kind']} | {r['batch']} | {r['seq_len']} | {r['vocab']} | {r['input_mib_each']} "
-            f"| {n.get('peak_mib', n.get('error'))} | {c.get('peak_mib', c.get('error'))} | {r['ratio']} "
-            f"| {n.get('seconds', '-')} | {c.get('seconds', '-')} |"
-        )
+    lines += [_line(r, modes) for r in rows]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out.with_suffix('.md')} and {args.out.with_suffix('.json')}")
+
+
+def _columns(modes: list[str]) -> int:
+    return 5 + len(modes) + sum(m != "unchunked" for m in modes) + len(modes)
+
+
+def _header(modes: list[str]) -> str:
+    peaks = [f"{m} peak (MiB)" for m in modes]
+    ratios = [f"{m} / unchunked" for m in modes if m != "unchunked"]
+    times = [f"{m} s" for m in modes]
+    return "| " + " | ".join(["kind", "B", "L", "V", "logits (MiB, each)", *peaks, *ratios, *times]) + " |"
+
+
+def _line(row: dict, modes: list[str]) -> str:
+    res = [row.get(m, {}) for m in modes]
+    peaks = [str(r.get("peak_mib", r.get("error", "-"))) for r in res]
+    ratios = [str(row.get({"chunked": "ratio", "head": "head_ratio"}[m])) for m in modes if m != "unchunked"]
+    times = [str(r.get("seconds", "-")) for r in res]
+    cells = [row["kind"], row["batch"], row["seq_len"], row["vocab"], row["input_mib_each"], *peaks, *ratios, *times]
+    return "| " + " | ".join(map(str, cells)) + " |"
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from collections.abc import Mapping
 
 import torch
@@ -25,9 +26,11 @@ from torch import nn
 from .. import arch
 from ..inputs import loss_batch, model_inputs
 from ..losses import DistillLoss, ModelOutputs
-from ..losses.head import FusedHead, OutputHead, output_head
+from ..losses.head import HEAD_ARCHS, FusedHead, OutputHead, output_head
 from ..mixup import CLEAN_MASK, LAMBDA, PROGRESS, STEP, EmbeddingMixup, MixedOutputs
 from ..taps import Captures, Tap, TapManager
+
+log = logging.getLogger(__name__)
 
 def _logits(out) -> torch.Tensor | None:
     return getattr(out, "logits", None)
@@ -36,8 +39,13 @@ def _logits(out) -> torch.Tensor | None:
 def _head_form(model: nn.Module, readers: list[DistillLoss]) -> OutputHead | None:
     """The model's head, to be skipped, when every loss reading its logits takes the head form and the model's
     logits are exactly ``lm_head(final hidden states)``; else None (the model runs in full)."""
+    if not all(loss.logits_from_head for loss in readers):
+        return None
     head = output_head(arch.unwrap(model))
-    if head is None or not all(loss.logits_from_head for loss in readers):
+    if head is None:
+        if readers and getattr(arch.unwrap(model).config, "model_type", None) is not None:
+            log.info("%s: logits come from the full head (the head-chunked path supports %s)",
+                     arch.unwrap(model).config.model_type, ", ".join(sorted(HEAD_ARCHS)))
         return None
     params = list(head.parameters())
 
