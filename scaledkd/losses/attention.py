@@ -18,6 +18,7 @@ from ..arch import arch_of, attention_geometry
 from ..mappings import resolve_mapping
 from ..positions import apply_rope
 from ..taps import Captures, Tap
+from .attention_blocks import DEFAULT_BLOCK_SIZE, Heads, blocked_row_kl, blocked_score_mse, check_block_size
 from .base import DistillLoss, LossBatch, LossSetup, ModelOutputs, register_loss
 
 
@@ -94,16 +95,48 @@ def scores(qh: torch.Tensor, kh: torch.Tensor, bias: torch.Tensor | None = None)
     return a if bias is None else a + bias
 
 
+def attention_kl(target: Heads, pred: Heads, attention_mask: torch.Tensor, query_mask: torch.Tensor, causal: bool,
+                 block_size: int | None) -> torch.Tensor:
+    """Mean over real query rows and heads of ``KL(softmax(A_t) || softmax(A_s))``, ``A = q k^T / sqrt(d) + bias``.
+
+    Args:
+        target, pred: :func:`head_qk` outputs ``(q [B, H, L, d], k [B, H, L, d], bias or None)``; the target is
+            a constant.
+        attention_mask: ``[B, L]`` real keys; query_mask: ``[B, L]`` query rows that count.
+        causal: also exclude future keys.
+        block_size: query rows per block for :func:`~scaledkd.losses.attention_blocks.blocked_row_kl` (the
+            default path: no ``[B, H, L, L]`` tensor is kept for backward); None = the plain autograd reference
+            (:func:`row_kl` on full score maps).
+    """
+    if block_size is None:
+        return row_kl(scores(*target), scores(*pred), key_mask(attention_mask, causal), query_mask)
+    return blocked_row_kl(target, pred, attention_mask, query_mask, causal, block_size)
+
+
+def score_mse(target: Heads, pred: Heads, attention_mask: torch.Tensor, query_mask: torch.Tensor, causal: bool,
+              masked: bool, block_size: int | None) -> torch.Tensor:
+    """``MSE(A_s, A_t)`` on pre-softmax scores over allowed keys of real query rows (``masked``: mean over those
+    entries; else zero elsewhere and mean over all ``B H L L``). Arguments as :func:`attention_kl`."""
+    if block_size is not None:
+        return blocked_score_mse(target, pred, attention_mask, query_mask, causal, block_size, masked)
+    allowed = key_mask(attention_mask, causal) & query_mask.bool()[:, None, :, None]  # real query rows too
+    sq = (scores(*pred) - scores(*target)).pow(2).masked_fill(~allowed, 0.0)  # [B, H, L, L]
+    denom = allowed.expand_as(sq).sum() if masked else torch.tensor(sq.numel())
+    return sq.sum() / denom.clamp_min(1)
+
+
 class _LayerPairs(DistillLoss):
     needs = frozenset({"teacher", "qkv"})
     default_mapping = "last"
 
-    def __init__(self, setup: LossSetup) -> None:
+    def __init__(self, setup: LossSetup, block_size: int | None = DEFAULT_BLOCK_SIZE) -> None:
         super().__init__(setup)
         self.pairs = resolve_mapping(
             setup.mapping, setup.student_config.num_hidden_layers, setup.teacher_config.num_hidden_layers,
             with_embeddings=False, default=self.default_mapping, where=f"losses[{setup.name}].mapping",
         )
+        check_block_size(block_size, f"loss {setup.name!r}")
+        self.block_size = block_size
 
     def _check_heads(self) -> None:
         hs = attention_geometry(self.setup.student_config)[0]
@@ -119,10 +152,11 @@ class _LayerPairs(DistillLoss):
 class AttentionKL(_LayerPairs):
     """Attention-distribution transfer: per head and real query row, ``KL(softmax(A_t) || softmax(A_s))`` with
     ``A = QK^T / sqrt(d) + mask`` (MobileBERT, Sun et al. 2020; MiniLM, Wang et al. 2020). Summed over layer
-    pairs (default: last <-> last). Shapes: ``A [B, H, L, L]``; heads must match."""
+    pairs (default: last <-> last). Shapes: ``A [B, H, L, L]``; heads must match. ``block_size``: query rows per
+    block of the blocked kernel (:mod:`.attention_blocks`), or None for the plain reference."""
 
-    def __init__(self, setup: LossSetup) -> None:
-        super().__init__(setup)
+    def __init__(self, setup: LossSetup, block_size: int | None = DEFAULT_BLOCK_SIZE) -> None:
+        super().__init__(setup, block_size)
         self._check_heads()
 
     def taps(self) -> tuple[set[Tap], set[Tap]]:
@@ -130,12 +164,13 @@ class AttentionKL(_LayerPairs):
                 qk_taps((t for _, t in self.pairs), self.setup.teacher_config))
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: LossBatch) -> torch.Tensor:
-        allowed = key_mask(batch.attention_mask, self.setup.causal)
         total = 0.0
         for s, t in self.pairs:
-            a_s = scores(*head_qk(student.captures, s, self.setup.student_config))
-            a_t = scores(*head_qk(teacher.captures, t, self.setup.teacher_config))
-            total = total + row_kl(a_t, a_s, allowed, batch.token_mask)
+            total = total + attention_kl(
+                head_qk(teacher.captures, t, self.setup.teacher_config),
+                head_qk(student.captures, s, self.setup.student_config),
+                batch.attention_mask, batch.token_mask, self.setup.causal, self.block_size,
+            )
         return total
 
 
@@ -143,12 +178,13 @@ class AttentionKL(_LayerPairs):
 class AttentionMSE(_LayerPairs):
     """TinyBERT attention-score transfer: ``MSE(A_s, A_t)`` on pre-softmax scores with padded (and, for
     decoders, future) entries excluded; mean over the real entries and heads. Default mapping uniform.
-    ``masked: false`` reproduces the reference code (padded entries set to 0, mean over all entries)."""
+    ``masked: false`` reproduces the reference code (padded entries set to 0, mean over all entries).
+    ``block_size`` as in ``attn_kl``."""
 
     default_mapping = "uniform"
 
-    def __init__(self, setup: LossSetup, masked: bool = True) -> None:
-        super().__init__(setup)
+    def __init__(self, setup: LossSetup, masked: bool = True, block_size: int | None = DEFAULT_BLOCK_SIZE) -> None:
+        super().__init__(setup, block_size)
         self._check_heads()
         self.masked = masked
 
@@ -157,15 +193,13 @@ class AttentionMSE(_LayerPairs):
                 qk_taps((t for _, t in self.pairs), self.setup.teacher_config))
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: LossBatch) -> torch.Tensor:
-        allowed = key_mask(batch.attention_mask, self.setup.causal)
-        allowed = allowed & batch.token_mask.bool()[:, None, :, None]  # real query rows too
         total = 0.0
         for s, t in self.pairs:
-            a_s = scores(*head_qk(student.captures, s, self.setup.student_config))
-            a_t = scores(*head_qk(teacher.captures, t, self.setup.teacher_config))
-            sq = (a_s - a_t).pow(2).masked_fill(~allowed, 0.0)  # [B, H, L, L]
-            denom = allowed.expand_as(sq).sum() if self.masked else torch.tensor(sq.numel())
-            total = total + sq.sum() / denom.clamp_min(1)
+            total = total + score_mse(
+                head_qk(teacher.captures, t, self.setup.teacher_config),
+                head_qk(student.captures, s, self.setup.student_config),
+                batch.attention_mask, batch.token_mask, self.setup.causal, self.masked, self.block_size,
+            )
         return total
 
 
@@ -177,12 +211,12 @@ class QKVRelation(_LayerPairs):
 
     Both models' projections are reshaped to ``relation_heads`` heads (default: the teacher's head count), so
     widths and head counts may differ as long as both widths divide. Shapes: ``X [B, L, D] -> [B, H_r, L, d_r]``,
-    relations ``[B, H_r, L, L]``.
+    relations ``[B, H_r, L, L]``. ``block_size`` as in ``attn_kl`` (a relation is the scores of ``q = k = X``).
     """
 
     def __init__(self, setup: LossSetup, relations: list[str] | None = None,
-                 relation_heads: int | None = None) -> None:
-        super().__init__(setup)
+                 relation_heads: int | None = None, block_size: int | None = DEFAULT_BLOCK_SIZE) -> None:
+        super().__init__(setup, block_size)
         relations = list(relations or ["q", "k", "v"])
         bad = [r for r in relations if r not in ("q", "k", "v")]
         if bad or not relations:
@@ -203,18 +237,20 @@ class QKVRelation(_LayerPairs):
         return ({Tap(r, s) for s, _ in self.pairs for r in self.relations},
                 {Tap(r, t) for _, t in self.pairs for r in self.relations})
 
-    def _relation(self, x: torch.Tensor) -> torch.Tensor:
-        xh = split_heads(x.float(), self.relation_heads)  # [B, H_r, L, d_r]
-        return xh @ xh.transpose(-1, -2) / math.sqrt(xh.shape[-1])
+    def _relation_heads(self, x: torch.Tensor) -> Heads:
+        """``X [B, L, D]`` as the ``(q, k, bias)`` whose scores are its relation: ``q = k = X [B, H_r, L, d_r]``."""
+        xh = split_heads(x.float(), self.relation_heads)
+        return xh, xh, None
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: LossBatch) -> torch.Tensor:
-        allowed = key_mask(batch.attention_mask, self.setup.causal)
         total = 0.0
         for s, t in self.pairs:
             for r in self.relations:
-                r_s = self._relation(getattr(student.captures, r)[s])
-                r_t = self._relation(getattr(teacher.captures, r)[t])
-                total = total + row_kl(r_t, r_s, allowed, batch.token_mask)
+                total = total + attention_kl(
+                    self._relation_heads(getattr(teacher.captures, r)[t]),
+                    self._relation_heads(getattr(student.captures, r)[s]),
+                    batch.attention_mask, batch.token_mask, self.setup.causal, self.block_size,
+                )
         return total
 
 
@@ -223,6 +259,7 @@ class MiniLMValueRelation(QKVRelation):
     """MiniLM's value-relation transfer (Wang et al. 2020): ``qkv_relation`` restricted to V with the models'
     own head count (student and teacher heads must match)."""
 
-    def __init__(self, setup: LossSetup) -> None:
-        super().__init__(setup, relations=["v"], relation_heads=attention_geometry(setup.teacher_config)[0])
+    def __init__(self, setup: LossSetup, block_size: int | None = DEFAULT_BLOCK_SIZE) -> None:
+        super().__init__(setup, relations=["v"], relation_heads=attention_geometry(setup.teacher_config)[0],
+                         block_size=block_size)
         self._check_heads()

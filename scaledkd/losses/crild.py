@@ -11,7 +11,8 @@ import torch
 
 from ..mixup import MixedOutputs, partner
 from ..taps import Tap
-from .attention import head_qk, key_mask, qk_taps, row_kl, scores
+from .attention import attention_kl, head_qk, qk_taps
+from .attention_blocks import DEFAULT_BLOCK_SIZE, Heads, check_block_size
 from .base import DistillLoss, LossBatch, LossSetup, ModelOutputs, masked_mean, register_loss
 
 DIVERGENCES = ("attn_kl", "hidden_mse", "both")
@@ -37,12 +38,14 @@ class CRILDConsistency(DistillLoss):
         ramp: ``epoch`` (epoch index / number of epochs, the paper's) or ``none`` (always 1).
         ema_decay: compare with an EMA copy of the student (the paper's alternative, e.g. 0.999) instead of the
             student itself.
+        block_size: query rows per block of the blocked attention KL (:mod:`.attention_blocks`); None = the plain
+            reference on full ``[B, H, L, L]`` maps.
     """
 
     needs = frozenset({"clean", "hidden", "qkv"})  # narrowed per instance by ``divergence``
 
     def __init__(self, setup: LossSetup, divergence: str = "both", layer: int | None = None, ramp: str = "epoch",
-                 ema_decay: float | None = None) -> None:
+                 ema_decay: float | None = None, block_size: int | None = DEFAULT_BLOCK_SIZE) -> None:
         super().__init__(setup)
         where = f"loss {setup.name!r}"
         if divergence not in DIVERGENCES:
@@ -59,6 +62,8 @@ class CRILDConsistency(DistillLoss):
         self.hidden = divergence in ("hidden_mse", "both")
         self.ramp = ramp
         self.ema_decay = ema_decay
+        check_block_size(block_size, where)
+        self.block_size = block_size
         self.needs = frozenset({"clean", *(["qkv"] if self.attn else []), *(["hidden"] if self.hidden else [])})
 
     def taps(self) -> tuple[set[Tap], set[Tap]]:
@@ -73,13 +78,20 @@ class CRILDConsistency(DistillLoss):
         total = torch.zeros((), device=own.device)
         if self.attn:
             config, causal = self.setup.student_config, self.setup.causal
-            a_mix = scores(*head_qk(mix, self.layer, config))
-            a_clean = scores(*head_qk(clean, self.layer, config))
-            total = total + lam * row_kl(a_clean, a_mix, key_mask(own, causal), own)
-            total = total + (1.0 - lam) * row_kl(partner(a_clean), a_mix, key_mask(rev, causal), rev)
+            heads_mix, heads_clean = head_qk(mix, self.layer, config), head_qk(clean, self.layer, config)
+            total = total + lam * attention_kl(heads_clean, heads_mix, own, own, causal, self.block_size)
+            total = total + (1.0 - lam) * attention_kl(_partner_heads(heads_clean), heads_mix, rev, rev, causal,
+                                                       self.block_size)
         if self.hidden:
             h_mix = mix.hidden[self.layer].float()
             h_clean = clean.hidden[self.layer].float()
             total = total + lam * masked_mean((h_mix - h_clean).pow(2), own)
             total = total + (1.0 - lam) * masked_mean((h_mix - partner(h_clean)).pow(2), rev)
         return (student.progress if self.ramp == "epoch" else 1.0) * total
+
+
+def _partner_heads(heads: Heads) -> Heads:
+    """The heads of every row's mixing partner: ``q``, ``k`` and a per-row ``[B, H, L, L]`` bias reversed along the
+    batch; a bias without a batch dim (fewer than 4 dims) is the same for every row."""
+    q, k, bias = heads
+    return partner(q), partner(k), None if bias is None else partner(bias) if bias.dim() == 4 else bias
