@@ -19,7 +19,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from scaledkd import models
 from scaledkd.engine.module import DistillModule, TeacherRunner
 from scaledkd.losses import LossSetup, build_loss
-from scaledkd.losses.divergence import DIVERGENCES, chunked_cross_entropy, token_divergence
+from scaledkd.losses.divergence import (
+    DIVERGENCES,
+    chunked_cross_entropy,
+    token_divergence,
+)
 from scaledkd.losses.head import OutputHead, head_cross_entropy, head_token_divergence
 from tests.conftest import tiny_model
 from tests.tiny import REPO, free_port

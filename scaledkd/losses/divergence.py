@@ -31,8 +31,16 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 __all__ = [
-    "DIVERGENCES", "Divergence", "IGNORE_INDEX", "RowsSum", "RowsSumAndGrad", "chunked_cross_entropy",
-    "cross_entropy_rows_sum", "cross_entropy_rows_sum_and_grad", "divergence_rows", "token_divergence",
+    "DIVERGENCES",
+    "IGNORE_INDEX",
+    "Divergence",
+    "RowsSum",
+    "RowsSumAndGrad",
+    "chunked_cross_entropy",
+    "cross_entropy_rows_sum",
+    "cross_entropy_rows_sum_and_grad",
+    "divergence_rows",
+    "token_divergence",
 ]
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"]

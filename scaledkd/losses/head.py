@@ -167,8 +167,8 @@ def head_token_divergence(
                 return F.linear(t_rows[part], t_module.weight, t_module.bias)
 
     if rows_sum is None:  # identically 0 (skew divergences at alpha = 1)
-        rows_sum = lambda s, t: s.sum().float() * 0.0  # noqa: E731
-        rows_sum_and_grad = lambda s, t: (s.sum().float() * 0.0, torch.zeros_like(s, dtype=torch.float32))  # noqa: E731
+        rows_sum = lambda s, t: s.sum().float() * 0.0
+        rows_sum_and_grad = lambda s, t: (s.sum().float() * 0.0, torch.zeros_like(s, dtype=torch.float32))
 
     def chunk_sum(student_rows: torch.Tensor, part: slice) -> torch.Tensor:
         return rows_sum(student_rows, teacher_rows(part))
