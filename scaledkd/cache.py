@@ -485,6 +485,9 @@ def build_cache(cfg: Config, *, batch_size: int | None = None, overwrite: bool =
 
     if cfg.teacher is None or not cfg.teacher.cache:
         raise ConfigError("scaledkd cache writes to teacher.cache; set it (e.g. teacher.cache=runs/cache_sst2)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("scaledkd cache runs as one process (it writes one folder); start it without a launcher, "
+                          "then train with teacher.cache on any number of ranks")
     dest = Path(cfg.teacher.cache)
     # The plan of the recipe without the cache (the cache is what is being built); the output folder is not used.
     plan = resolve(dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, cache=None)), world_size=1,

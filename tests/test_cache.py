@@ -14,6 +14,7 @@ from scaledkd import cli, models
 from scaledkd.build import resolve
 from scaledkd.cache import MANIFEST, CachedTeacher, StaleCache, TeacherCache, build_cache
 from scaledkd.config import ConfigError, config_from_dict
+from tests.test_lm import lm_assets, lm_recipe  # noqa: F401 - the tiny causal-LM fixture
 from tests.tiny import REPO, WORDS, tiny_recipe, write_recipe
 
 LOSSES = [{"name": "task", "weight": 0.5}, {"name": "logit_kd", "weight": 0.5}, {"name": "hidden_mse"},
@@ -159,6 +160,15 @@ def test_uncacheable_recipes_are_refused_with_the_reason(ragged, tmp_path):
     assert not (tmp_path / "cache").exists()
     with pytest.raises(ConfigError, match="holds no teacher cache"):
         resolve(_cfg(tmp_path, teacher, data_dir, tmp_path / "nowhere", losses=[{"name": "logit_kd"}]))
+
+
+def test_causal_lm_recipes_are_refused(lm_assets, tmp_path):
+    recipe = lm_recipe(lm_assets, tmp_path / "run")
+    recipe["teacher"]["cache"] = str(tmp_path / "cache")
+    with pytest.raises(ConfigError, match=r"does not support causal-LM recipes \(data.task='lm'\)"):
+        build_cache(config_from_dict(recipe))
+    with pytest.raises(ConfigError, match="causal-LM"):
+        resolve(config_from_dict(recipe))
 
 
 @pytest.mark.slow
