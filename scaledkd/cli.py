@@ -6,8 +6,12 @@
     scaledkd eval MODEL_DIR [--task T] --data-dir D dev metrics of an exported model, as JSON
     scaledkd eval MODEL_DIR --task lm --file F      perplexity of an exported causal LM on a text/JSON-lines file
     scaledkd export RUN_DIR OUT_DIR                 consolidate a run's checkpoint into a Hugging Face folder
+    scaledkd cache RECIPE teacher.cache=DIR         run the teacher once over the training set and store what the
+                                                    losses read (training with teacher.cache then skips the teacher)
     scaledkd losses                                 list the registered losses
     scaledkd plan RECIPE --gpus N --gpu-mem G       per-GPU memory of every teacher/student ZeRO layout
+    scaledkd generate RECIPE --out FILE [overrides] the teacher's continuations of the training prompts, as JSON
+                                                    lines (sequence-level KD data)
     scaledkd study SPEC [--dry-run] [--only PATTERN] [--jobs N]
                                                     run a grid of recipes (methods x inits x tasks x seeds)
 """
@@ -106,6 +110,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .onpolicy import write_teacher_continuations
+
+    summary = write_teacher_continuations(
+        _load(args.items, need_recipe=True), args.out, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, prefix_tokens=args.prefix_tokens, batch_size=args.batch_size,
+        max_samples=args.max_samples, seed=args.seed)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from .cache import build_cache
+
+    summary = build_cache(_load(args.items, need_recipe=True), batch_size=args.batch_size, overwrite=args.overwrite)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_losses(args: argparse.Namespace) -> int:
     from . import losses
 
@@ -173,6 +196,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT_DIR if it holds an earlier export (never the run or a folder around it)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="write the teacher's continuations of a recipe's training prompts as "
+                       "JSON lines (sequence-level KD data)",
+                       description="Sequence-level KD: the recipe's teacher continues every training prompt (a "
+                       "[prompt, response] record's prompt, else a document's opening --prefix-tokens tokens) and "
+                       "the records {prompt, response} go to --out; train on them with data.train_file=FILE "
+                       "data.text_columns=[prompt,response].")
+    p.add_argument("items", nargs="+", metavar="RECIPE [OVERRIDE]", help=overrides_help)
+    p.add_argument("--out", required=True, help="the JSON-lines file to write")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) = greedy")
+    p.add_argument("--prefix-tokens", type=_positive_int, default=8,
+                   help="prompt of a plain-text document: its opening tokens")
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--max-samples", type=_positive_int, default=None, help="a seeded subset of the documents")
+    p.add_argument("--seed", type=int, default=None, help="default: the recipe's train.seed")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("cache", help="run the teacher once over the training set and store its outputs in "
+                       "teacher.cache", description="Run the recipe's teacher over every training row and store "
+                       "exactly what its losses read (logits, tapped hidden states / Q / K / V) in the folder "
+                       "teacher.cache, keyed on the teacher's weights, the tokenizer, the data, the tokenisation "
+                       "and the taps. A run with the same teacher.cache then reads them and never loads the "
+                       "teacher; a stale cache is refused naming what changed.")
+    p.add_argument("items", nargs="+", metavar="RECIPE [OVERRIDE]", help=overrides_help)
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="rows per teacher forward (default: train.batch_size)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rebuild a stale cache in teacher.cache (a folder holding anything else is never touched)")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("losses", help="list the registered losses")
     p.set_defaults(func=cmd_losses)

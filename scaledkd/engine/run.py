@@ -23,6 +23,7 @@ import yaml
 
 from .. import __version__, checkpoint, data, evaluation, models
 from ..build import RunPlan, resolve
+from ..cache import CachedTeacher, TeacherCache
 from ..config import Config, LossConfig
 from ..errors import Preempted
 from ..export import gather_student_state, save_student
@@ -30,10 +31,11 @@ from ..files import FINISHED_MARKER, write_json, write_text_atomic
 from ..inputs import eval_batches as _eval_batches
 from ..inputs import model_inputs, to_device
 from ..mixup import EmbeddingMixup
+from ..onpolicy import OnPolicy
 from ..resume import record_changes
 from ..trackers import Trackers
 from . import accel, dist, rundir
-from .batches import ShardedBatches
+from .batches import ShardedBatches, StreamBatches
 from .module import DistillModule, TeacherRunner
 from .signals import StopRequests
 from .step import PhaseTimer, distill_step
@@ -59,11 +61,14 @@ class Run:
         replaced: where ``overwrite=true`` moved the previous run (put back if this run fails), else None.
         tokenizer, train_set, dev_set, collate: tokenised splits and their collator.
         engine: the student's DeepSpeed engine around the :class:`DistillModule`.
-        teacher: the teacher's runner (forward with taps), None without a teacher.
-        teacher_model: the teacher (or its ZeRO-3 engine), for evaluation and timing.
+        teacher: the teacher's runner (forward with taps), or its outputs read from ``teacher.cache``; None without
+            a teacher.
+        teacher_model: the teacher (or its ZeRO-3 engine), for evaluation and timing; None when training from a
+            teacher cache.
         batches: the training micro-batches; total_steps: optimiser steps of the run.
         mixup: CR-ILD's embedding mixup, when ``train.mixup``.
         timer: the step-time split of this process (:class:`PhaseTimer`).
+        on_policy: ``data.on_policy``'s batch transformation (student continuations), None when off.
     """
 
     plan: RunPlan
@@ -74,12 +79,13 @@ class Run:
     dev_set: Any
     collate: Any
     engine: Any
-    teacher: TeacherRunner | None
+    teacher: TeacherRunner | CachedTeacher | None
     teacher_model: Any
-    batches: ShardedBatches
+    batches: ShardedBatches | StreamBatches
     total_steps: int
     mixup: EmbeddingMixup | None
     timer: PhaseTimer = field(default_factory=PhaseTimer)  # where the step time went, per window and for the run
+    on_policy: OnPolicy | None = None
 
     @property
     def cfg(self) -> Config:
@@ -155,8 +161,9 @@ def _setup(plan: RunPlan, run_dir: Path, replaced: Path | None) -> Run:
                                                  examples=plan.examples.get(split)) for split in ("train", "dev"))
     train_set, dev_set, collate = train_split.rows, dev_split.rows, train_split.collate
     if causal_lm:
-        log.info("data.task='lm': %d train rows, %d held-out rows of up to %d tokens (packing=%s)",
-                 len(train_set), len(dev_set), cfg.data.max_length, cfg.data.packing)
+        log.info("data.task='lm': %s train rows, %d held-out rows of up to %d tokens (packing=%s)",
+                 "streamed" if cfg.data.streaming else len(train_set), len(dev_set), cfg.data.max_length,
+                 cfg.data.packing)
 
     # Engines: DeepSpeed directly or through Accelerate's plugins (train.backend), one config per model.
     engines = accel.engine_factory(cfg.train, student=plan.ds_student, teacher=plan.ds_teacher)
@@ -164,7 +171,8 @@ def _setup(plan: RunPlan, run_dir: Path, replaced: Path | None) -> Run:
     # Teacher: its own DeepSpeed config; partitioned at load time under ZeRO-3.
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
     teacher_model, teacher_engine = None, None
-    if plan.teacher_path is not None:
+    cache = TeacherCache.open(cfg.teacher.cache, train_set) if cfg.teacher is not None and cfg.teacher.cache else None
+    if plan.teacher_path is not None and cache is None:  # a teacher cache stands in for the teacher: never loaded
         with engines.load_context("teacher"):
             teacher_model = models.freeze(models.load_pretrained(plan.teacher_path, task, plan.spec.num_labels, dtype))
         if plan.teacher_zero3:
@@ -190,10 +198,15 @@ def _setup(plan: RunPlan, run_dir: Path, replaced: Path | None) -> Run:
         loss.load_artifacts()  # e.g. TED's stage-I filters, loaded before the engine partitions them
     mixup = EmbeddingMixup(cfg.train.mixup_alpha, cfg.train.seed) if cfg.train.mixup else None
     module = DistillModule(student, losses, weights, mixup=mixup)
-    teacher = (TeacherRunner(teacher_engine, module.teacher_taps(), mixup=mixup)
+    teacher = (TeacherRunner(teacher_engine, module.teacher_taps(), mixup=mixup, head=module.teacher_head())
                if teacher_engine is not None else None)
+    if cache is not None:
+        teacher = CachedTeacher(cache, module.teacher_taps(), dist.device())
 
-    batches = ShardedBatches(train_set, cfg.train.batch_size, cfg.train.seed, collate)
+    if cfg.data.streaming:  # build.resolve made sure train.max_steps is set
+        batches = StreamBatches(train_set, cfg.train.batch_size, collate, cfg.train.max_steps * cfg.train.grad_accum)
+    else:
+        batches = ShardedBatches(train_set, cfg.train.batch_size, cfg.train.seed, collate)
     total_steps = cfg.train.max_steps or max(1, int(cfg.train.epochs * batches.per_epoch / cfg.train.grad_accum))
     optimizer = torch.optim.AdamW(_weight_decay_groups(module, cfg), lr=cfg.train.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(total_steps, cfg.train.warmup_ratio))
@@ -201,6 +214,8 @@ def _setup(plan: RunPlan, run_dir: Path, replaced: Path | None) -> Run:
     run = Run(plan=plan, run_dir=run_dir, replaced=replaced, tokenizer=tokenizer, train_set=train_set,
               dev_set=dev_set, collate=collate, engine=engine, teacher=teacher, teacher_model=teacher_engine,
               batches=batches, total_steps=total_steps, mixup=mixup)
+    if cfg.data.on_policy is not None:
+        run.on_policy = OnPolicy(cfg.data.on_policy, engine, tokenizer, cfg.data.max_length, cfg.train.seed)
     if dist.is_main():
         if plan.resume_from is not None:
             record_changes(run_dir, cfg, plan.resume_from)  # allowed changes, before config.yaml shows the new values
@@ -293,6 +308,7 @@ def _train(run: Run, logfile: _Log) -> dict[str, Any]:
     if run.plan.resume_from is not None:
         root, tag = run.plan.resume_from
         state = checkpoint.load(engine, root, tag)
+        run.batches.load_state_dict(checkpoint.data_state(root, tag))  # a stream's place on this rank
         log.info("resumed from %s at step %d", root / tag, state["step"])
         logfile.write({"event": "resumed", "step": state["step"], "checkpoint": str(root / tag)})
 
@@ -318,7 +334,8 @@ def _train(run: Run, logfile: _Log) -> dict[str, Any]:
     final = evaluate(run)
     _record_eval(state, step, final, logfile)
     if step > 0 and not (run.run_dir / checkpoint.CHECKPOINTS / f"step_{step}").is_dir():
-        checkpoint.save(engine, run.run_dir, step, state, keep=keep)  # the end: `scaledkd export` works afterwards
+        checkpoint.save(engine, run.run_dir, step, state, keep=keep,
+                        data_state=run.batches.state_dict())  # the end: `scaledkd export` works afterwards
     final_state = gather_student_state(engine.module)
     exported = "final"
     if cfg.train.export == "best" and state["best"] and state["best"]["step"] != step and best_state is not None:
@@ -348,6 +365,8 @@ def _loop(run: Run, state: dict[str, Any], logfile: _Log, bar, stops: StopReques
         for batch in batches(epoch, skip):
             if mixup is not None:
                 batch = mixup.prepare(batch, state["micro"], step, epoch / num_epochs)
+            if run.on_policy is not None:
+                batch = run.on_policy(batch, state["micro"])  # student continuations replace some rows
             terms = distill_step(engine, run.teacher, batch, timer)
             state["micro"] += 1
             for k, v in terms.items():
@@ -363,6 +382,8 @@ def _loop(run: Run, state: dict[str, Any], logfile: _Log, bar, stops: StopReques
                 record = {"step": step, **{k: v / window_n for k, v in window.items()},
                           "lr": engine.get_lr()[0], "samples_per_s": samples_per_step * steps_in_window / elapsed,
                           "tokens_per_s": phases.pop("tokens") * dist.world_size() / elapsed, **phases}
+                if run.on_policy is not None:
+                    record.update(run.on_policy.take(steps_in_window))
                 logfile.write(record)
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_s'] or 0:.1f}")
@@ -379,7 +400,7 @@ def _loop(run: Run, state: dict[str, Any], logfile: _Log, bar, stops: StopReques
             on_time = bool(cfg.train.save_every_min and time.monotonic() - last_save >= 60 * cfg.train.save_every_min)
             stop, save = dist.any_across_ranks([stops.requested, on_schedule or on_time])
             if (save or stop) and (step < total_steps or stop):
-                checkpoint.save(engine, run.run_dir, step, state, keep=keep)
+                checkpoint.save(engine, run.run_dir, step, state, keep=keep, data_state=run.batches.state_dict())
                 last_save = time.monotonic()
             if stop:
                 logfile.write({"event": "stopped", "step": step, "signal": stops.received or "another rank's"})
@@ -458,14 +479,16 @@ def finish(run: Run, result: dict[str, Any]) -> dict[str, Any]:
     metrics["artifacts"] = [str(path) for path in save_loss_artifacts(run)]
     if dist.is_main():
         provenance = {
-            "teacher": cfg.teacher.path if cfg.teacher else None,
+            "teacher": cfg.teacher.source if cfg.teacher else None,
             "student_init": {"init": cfg.student.init, "from": run.plan.student_source, "layers": cfg.student.layers,
                              "copied_blocks": getattr(student.config, "scaledkd_init", None)},
             "losses": [{"name": lc.name, "weight": lc.weight, "mapping": _mapping_of(run, i, lc), "params": lc.params}
                        for i, lc in enumerate(cfg.losses)],
             "data": {"task": cfg.data.task, "source": cfg.data.source, "data_dir": cfg.data.data_dir,
                      "train_file": cfg.data.train_file, "max_train_samples": cfg.data.max_train_samples,
-                     "label_noise": cfg.data.label_noise, "train_examples": len(run.train_set),
+                     "label_noise": cfg.data.label_noise,
+                     "train_examples": "streamed" if cfg.data.streaming else len(run.train_set),
+                     "dataset": dataclasses.asdict(cfg.data.dataset) if cfg.data.dataset else None,
                      "supplementary": dataclasses.asdict(cfg.data.supplementary) if cfg.data.supplementary else None},
             "mixup": {"alpha": cfg.train.mixup_alpha} if cfg.train.mixup else None,
             "task": run.task, "seed": cfg.train.seed, "steps": result["steps"], "exported": result["exported"],
