@@ -15,15 +15,17 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from scaledkd import cli
+from scaledkd import cli, models
 from scaledkd.build import baseline, resolve
 from scaledkd.config import ConfigError, OnPolicyConfig, config_from_dict
+from scaledkd.data import load_examples
 from scaledkd.data.lm import IGNORE_INDEX
 from scaledkd.engine import run as run_mod
 from scaledkd.engine.step import distill_step
 from scaledkd.inputs import loss_batch, model_inputs
 from scaledkd.losses.divergence import token_divergence
 from scaledkd.onpolicy import (
+    document_prompts,
     generate_continuations,
     prompt_span,
     rows_this_micro,
@@ -371,10 +373,7 @@ def test_generate_writes_teacher_continuations_that_train_as_data(assets, tmp_pa
     # Each response is the teacher's greedy continuation of its prompt.
     teacher = AutoModelForCausalLM.from_pretrained(assets / "teacher").eval()
     cfg = config_from_dict(recipe(assets, tmp_path / "unused"))
-    tok = run_mod.models.load_tokenizer(str(assets / "teacher"))
-    from scaledkd.onpolicy import document_prompts
-    from scaledkd.data import load_examples
-
+    tok = models.load_tokenizer(str(assets / "teacher"))
     docs = load_examples(dataclasses.replace(cfg.data, max_train_samples=10), "train", cfg.train.seed)
     for (text, ids), record in zip(document_prompts(docs, tok, 3), records, strict=True):
         assert record["prompt"] == text
