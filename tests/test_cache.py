@@ -12,9 +12,16 @@ import torch
 
 from scaledkd import cli, models
 from scaledkd.build import resolve
-from scaledkd.cache import MANIFEST, CachedTeacher, StaleCache, TeacherCache, build_cache
+from scaledkd.cache import (
+    MANIFEST,
+    CachedTeacher,
+    StaleCache,
+    TeacherCache,
+    build_cache,
+)
 from scaledkd.config import ConfigError, config_from_dict
-from tests.test_lm import lm_assets, lm_recipe  # noqa: F401 - the tiny causal-LM fixture
+from tests.test_lm import lm_assets as _lm_assets  # noqa: F401 - the tiny causal-LM fixture, by its own name
+from tests.test_lm import lm_recipe
 from tests.tiny import REPO, WORDS, tiny_recipe, write_recipe
 
 LOSSES = [{"name": "task", "weight": 0.5}, {"name": "logit_kd", "weight": 0.5}, {"name": "hidden_mse"},
