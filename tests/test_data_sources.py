@@ -354,6 +354,7 @@ def test_distill_end_to_end(assets, tmp_path, capsys, data):
     assert [x["step"] for x in steps if "loss" in x] == [1, 2]
 
 
+@pytest.mark.slow
 def test_streamed_run_resumes_from_each_ranks_position(assets, tmp_path, capsys):
     """4 steps with a checkpoint every 2; a resume from step_2 ends with the same weights, and the checkpoint
     holds the stream position it continued from."""
@@ -388,3 +389,38 @@ def test_streaming_needs_max_steps(assets, tmp_path, capsys):
     path = write_recipe(tmp_path / "r.yaml", **recipe(assets, tmp_path / "run", data, max_steps=None, epochs=1))
     code = cli.main(["validate", str(path)])
     assert code != 0 and "data.streaming=true reads a stream whose length is unknown" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_two_ranks_stream_their_own_shares_and_resume_them(assets, tmp_path):
+    """Under torchrun with 2 gloo ranks each rank records its own stream position, and a resume from step_2
+    ends with the weights of the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from tests.test_multiproc import launch
+
+    data = {"dataset": {"path": "corpus.parquet", "cache_dir": str(tmp_path / "cache")}, "text_columns": ["content"],
+            "streaming": True, "max_eval_samples": 8}
+    full = tmp_path / "full"
+    full.mkdir()
+    launch(write_recipe(full / "r.yaml", **recipe(assets, full / "run", data, max_steps=4, save_every=2,
+                                                  keep_checkpoints=0, batch_size=2)))
+    step_2 = full / "run" / "checkpoints" / "step_2"
+    states = [json.loads((step_2 / f"data_rank{r}.json").read_text()) for r in range(2)]
+    assert [s["micro"] for s in states] == [2, 2]
+    assert states[0]["stream"] != states[1]["stream"]  # each rank's own place in its own share
+    assert {f"data_rank{r}.json" for r in range(2)} <= set(checkpoint.read_manifest(step_2)["files"])
+
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    for leftover in (FINISHED_MARKER, "student", "checkpoints/step_4"):
+        target = cut / "run" / leftover
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    (cut / "run" / "checkpoints" / "latest").write_text("step_2")
+    launch(write_recipe(cut / "r.yaml", **recipe(assets, cut / "run", data, max_steps=4, save_every=2,
+                                                 keep_checkpoints=0, batch_size=2, resume="latest")))
+    want = load_file(full / "run" / "student" / "model.safetensors")
+    got = load_file(cut / "run" / "student" / "model.safetensors")
+    for key in want:
+        assert torch.equal(want[key], got[key]), key
