@@ -20,9 +20,11 @@ from scaledkd.cache import (
     build_cache,
 )
 from scaledkd.config import ConfigError, config_from_dict
-from tests.test_lm import lm_assets as _lm_assets  # noqa: F401 - the tiny causal-LM fixture, by its own name
+from tests import test_lm
 from tests.test_lm import lm_recipe
 from tests.tiny import REPO, WORDS, tiny_recipe, write_recipe
+
+lm_assets = test_lm.lm_assets  # the tiny causal-LM corpus, tokenizer and teacher (a module-scoped fixture)
 
 LOSSES = [{"name": "task", "weight": 0.5}, {"name": "logit_kd", "weight": 0.5}, {"name": "hidden_mse"},
           {"name": "attn_kl"}, {"name": "minilm_value"}]
