@@ -120,6 +120,8 @@ def _blocked(target: Heads, pred: Heads, key_mask: torch.Tensor, query_mask: tor
     target = (q_t.float(), k_t.float(), _as4d(b_t))
     pred = (q_s.float(), k_s.float(), _as4d(b_s))
     wants = [torch.is_grad_enabled() and x is not None and x.requires_grad for x in pred]
+    if pred[0] is pred[1]:  # a relation (q = k = X): one gradient buffer for both uses, returned through q
+        wants[1] = False
     if not any(wants):
         with torch.no_grad():
             return _block_loop(target, pred, keys, weight, causal, block_size, kind, (False, False, False))[0]
@@ -160,6 +162,7 @@ def _block_loop(target: Heads, pred: Heads, keys: torch.Tensor, weight: torch.Te
     BH = B * H
     want_q, want_k, want_b = wants
     grad = any(wants)
+    shared = q_s is k_s and want_q  # dq collects dk's terms too (the Function returns it for q only)
     # Heads flattened to [B*H, L, d] for bmm. 1/sqrt(d) goes onto q once (O(B H L d)) instead of onto every score
     # block; the scaled student q is also what dk needs.
     qc_s = q_s.reshape(BH, L, d_s).div(math.sqrt(d_s))
@@ -170,7 +173,7 @@ def _block_loop(target: Heads, pred: Heads, keys: torch.Tensor, weight: torch.Te
     mask_keys = causal or not bool(keys.all())
     pad = ~keys[:, None, None, :]  # [B, 1, 1, L] padded keys
     fixed = _mask_values(pad, kind) if mask_keys and not causal else None  # the same for every block
-    dq = q_s.new_empty(BH, L, d_s) if want_q else None  # every row block is written once
+    dq = (q_s.new_zeros if shared else q_s.new_empty)(BH, L, d_s) if want_q else None  # else each row written once
     dk = q_s.new_zeros(BH, L, d_s) if want_k else None
     db = q_s.new_zeros(b_s.shape) if want_b else None
     total = q_s.new_zeros(())
@@ -203,9 +206,13 @@ def _block_loop(target: Heads, pred: Heads, keys: torch.Tensor, weight: torch.Te
             # dq = diag(w) G k / sqrt(d), dk = G^T diag(w) q / sqrt(d).
             wr = w.reshape(BH, b, 1)
             if want_q:
-                dq[:, r0:r1] = torch.bmm(g, k_s3).mul_(wr.div(math.sqrt(d_s)))
-            if want_k:
-                dk.baddbmm_(g.transpose(1, 2), qc_s[:, r0:r1] * wr)
+                dq_rows = torch.bmm(g, k_s3).mul_(wr.div(math.sqrt(d_s)))
+                if shared:
+                    dq[:, r0:r1].add_(dq_rows)
+                else:
+                    dq[:, r0:r1] = dq_rows
+            if want_k or shared:
+                (dq if shared else dk).baddbmm_(g.transpose(1, 2), qc_s[:, r0:r1] * wr)
             if want_b:
                 _accumulate_bias(db, g.mul_(wr).view(B, H, b, L), r0, r1)
         del g
