@@ -246,3 +246,30 @@ def test_a_teacher_without_its_task_head_is_keyed_on_the_seed(ragged, tmp_path):
         want = live(**{k: v for k, v in batch.items() if k != "labels"}).logits
     got = CachedTeacher(TeacherCache.open(cache, rows.rows), set())({**batch, "example_ids": torch.arange(8)}).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.multiproc
+def test_two_ranks_read_the_cache_like_one_live_teacher(ragged, tmp_path):
+    """Two gloo ranks (micro-batch 4) training from the cache log the losses of one rank (micro-batch 8) with the
+    live teacher: each rank looks up its own rows (per-example losses; see tests/test_multiproc.py)."""
+    from tests.test_multiproc import LOSSES as PER_EXAMPLE
+    from tests.test_multiproc import launch, step_losses
+
+    teacher, data_dir = ragged
+    cache = tmp_path / "cache"
+    build_cache(_cfg(tmp_path, teacher, data_dir, cache, losses=PER_EXAMPLE))
+    recipes = {}
+    for name, batch, with_cache in (("live", 8, False), ("cached", 4, True)):
+        recipe = tiny_recipe(tmp_path, teacher, data_dir, losses=PER_EXAMPLE)
+        recipe["output_dir"] = str(tmp_path / name)
+        recipe["train"].update(batch_size=batch, max_steps=4)
+        if with_cache:
+            recipe["teacher"]["cache"] = str(cache)
+        recipes[name] = write_recipe(tmp_path / f"{name}.yaml", **recipe)
+    launch(recipes["live"], nproc=1)
+    launch(recipes["cached"], nproc=2)
+    want, got = step_losses(tmp_path / "live"), step_losses(tmp_path / "cached")
+    assert len(got) == len(want) == 4
+    for g, w in zip(got, want, strict=True):
+        for key in ("loss", "task", "logit_kd", "pkd_cls"):
+            assert g[key] == pytest.approx(w[key], rel=2e-4, abs=1e-7), (g["step"], key)
