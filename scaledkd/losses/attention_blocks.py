@@ -20,9 +20,10 @@ Gradients (rows ``i``, keys ``j``, student scores ``a_s = q_s k_s^T / sqrt(d_s) 
 and with ``G = dL/da_s``: ``dq_s = G k_s / sqrt(d_s)``, ``dk_s = G^T q_s / sqrt(d_s)``, ``dbias_s = G`` summed over
 the bias's broadcast dims. The target side (teacher, or CR-ILD's clean forward) is a constant.
 
-Masks follow the reference exactly: disallowed entries (padded keys, future keys when causal) are filled with
-``finfo(float32).min`` before the softmax, so a row whose keys are all disallowed gets the same uniform
-distribution on both sides, a KL of 0 and a gradient of 0; query rows outside ``query_mask`` add nothing.
+Masks follow the reference exactly: disallowed entries (padded keys, future keys when causal) become
+``finfo(float32).min`` before the softmax (added rather than filled in, which rounds to the same value for any
+finite score), so a row whose keys are all disallowed gets the same uniform distribution on both sides, a KL of 0
+and a gradient of 0; query rows outside ``query_mask`` add nothing. Scores must be finite, as the models' are.
 
 Working set per block: about four float32 ``[B, H, b, L]`` buffers (``b = block_size``). On CUDA a fused
 (Triton / flash-style) kernel would replace :func:`_block_loop` one for one: the same inputs, the same
@@ -41,7 +42,7 @@ Heads = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # q [B, H, L, 
 Kind = Literal["kl", "mse"]
 
 NEG = torch.finfo(torch.float32).min  # as the reference: finite, so masked log-probability differences stay finite
-DEFAULT_BLOCK_SIZE = 128  # query rows per block: at L = 128-1024 on CPU as fast as whole-map blocks, far less memory
+DEFAULT_BLOCK_SIZE = 128  # query rows per block: on CPU at L = 128-512 as fast as larger blocks, far less memory
 BLOCK_ELEMENTS = 2**24  # at most this many elements (64 MiB float32) per [B, H, b, L] buffer: fewer rows if needed
 
 
