@@ -88,7 +88,7 @@ def run_one(args: argparse.Namespace, path: str, seq_len: int) -> dict:
            "--batch", str(args.batch), "--block-size", str(args.block_size), "--threads", str(args.threads),
            "--reps", str(reps)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=False)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {args.timeout} s"}
     if proc.returncode != 0:
@@ -149,12 +149,13 @@ def main() -> None:
         "",
         f"Command: `{command}`",
         "",
-        f"torch {meta['torch']}, {meta['machine']}, {args.threads} threads; B = {args.batch}; teacher 768 wide / 12 "
-        f"heads (d = 64), student 384 wide / 12 heads (d = 32), one layer pair; blocked path with block_size "
-        f"{args.block_size}; batch row 1 padded to 3/4 of L.",
-        "Peak = growth of `ru_maxrss` over a baseline taken after the tapped Q/K were allocated, each configuration "
-        "in a fresh subprocess; it includes the gradients of the student's Q and K. Seconds = median wall-clock "
-        "forward + backward (the machine is shared, so also the process CPU seconds per step).",
+        (f"torch {meta['torch']}, {meta['machine']}, torch threads: {args.threads} (default 1: on a shared machine "
+         f"OpenMP spin-waits make multi-thread times vary run to run); B = {args.batch}; teacher 768 wide / 12 "
+         f"heads (d = 64), student 384 wide / 12 heads (d = 32), one layer pair; blocked path with block_size "
+         f"{args.block_size}; batch row 1 padded to 3/4 of L."),
+        ("Peak = growth of `ru_maxrss` over a baseline taken after the tapped Q/K were allocated, each configuration "
+         "in a fresh subprocess; it includes the gradients of the student's Q and K. Seconds = median wall-clock "
+         "forward + backward (the machine is shared, so also the process CPU seconds per step)."),
         "",
         header,
         "|" + "---|" * 9,
@@ -166,7 +167,9 @@ def main() -> None:
 
 def _line(row: dict) -> str:
     ref, blk = row["reference"], row["blocked"]
-    get = lambda r, key: str(r.get(key, r.get("error", "-")))  # noqa: E731
+    def get(r: dict, key: str) -> str:
+        return str(r.get(key, r.get("error", "-")))
+
     return (f"| {row['seq_len']} | {row['map_mib']} | {get(ref, 'peak_mib')} | {get(blk, 'peak_mib')} | {row['ratio']} "
             f"| {get(ref, 'seconds')} | {get(blk, 'seconds')} | {get(ref, 'cpu_seconds')} "
             f"| {get(blk, 'cpu_seconds')} |")

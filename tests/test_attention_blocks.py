@@ -19,13 +19,15 @@ B, H, L = 4, 4, 19  # L prime: no block size below divides it
 
 def masks() -> tuple[torch.Tensor, torch.Tensor]:
     """``[B, L]`` key mask (row 0 full, row 1 padded after 11, row 2 all padding, row 3 after 4) and a query mask
-    that also leaves out the last real token of row 0 (a loss mask differing from the attention mask)."""
+    that differs from it: it leaves out the last real token of row 0 and counts one query of the all-padding row,
+    which has no key at all (a KL of 0 that still counts in the mean, as in the reference)."""
     keys = torch.ones(B, L, dtype=torch.long)
     keys[1, 11:] = 0
     keys[2] = 0
     keys[3, 4:] = 0
     rows = keys.clone()
     rows[0, -1] = 0
+    rows[2, 5] = 1
     return keys, rows
 
 
@@ -184,7 +186,9 @@ def test_losses_blocked_equal_reference(name, model_type, params):
 def assert_close_in_norm(got: tuple, want: tuple) -> None:
     """All parameters' gradients as one vector within 1e-5 relative (a parameter whose true gradient is 0, such as
     a key bias under a softmax, carries only rounding noise, so it is not compared on its own scale)."""
-    flat = lambda grads: torch.cat([g.flatten() for g in grads if g is not None])  # noqa: E731
+    def flat(grads):
+        return torch.cat([g.flatten() for g in grads if g is not None])
+
     assert (flat(got) - flat(want)).norm() <= 1e-5 * flat(want).norm()
 
 
@@ -244,7 +248,7 @@ def test_blocked_path_saves_no_score_map(name, params):
     for bs in (None, 16):
         setup = LossSetup(student_cfg, teacher_cfg, None, "classification", name)
         loss = build_loss(name, setup, {**params, "block_size": bs})
-        value, saved = saved_bytes(lambda: loss(s, t, LossBatch(attention_mask=mask)))
+        value, saved = saved_bytes(lambda loss=loss: loss(s, t, LossBatch(attention_mask=mask)))
         value.backward()
         results[bs] = saved
     assert max(results[None]) >= batch * heads * per_map  # the hook sees the reference's score maps
