@@ -247,7 +247,8 @@ def pack_documents(docs: datasets.Dataset, tokenizer: Any, max_length: int, pack
             scored token.
     """
     if "scored" in docs.column_names:
-        ids, scored = docs["input_ids"], docs["scored"]
+        columns = docs.select_columns(["input_ids", "scored"]).to_dict()  # lists: random access below
+        ids, scored = columns["input_ids"], columns["scored"]
         targets_of = [scored_targets(i, s) for i, s in zip(ids, scored, strict=True)]
     else:
         ids, unscored = encode_documents(docs, tokenizer)
