@@ -278,8 +278,8 @@ class DataConfig:
         train_file, eval_file: for ``text``/``csv``/``jsonl`` (relative to ``data_dir``); ``text`` also accepts
             ``builtin:python-docs`` (the CPython documentation topics shipped with every Python).
         text_columns, label_column: column names for ``csv``/``jsonl``; ``label_column: null`` = unlabeled.
-            ``lm`` with a JSON-lines file: one column (a document per record) or two (``[prompt, response]``: the
-            loss counts only response tokens).
+            ``lm`` with a JSON-lines file or ``dataset``: one column (a document per record) or two
+            (``[prompt, response]``: the loss counts only response tokens).
         num_labels: for ``csv``/``jsonl`` (1 = regression).
         max_length: tokens per example (truncation).
         max_train_samples, max_eval_samples: seeded subsets (budgets, few-sample settings).

@@ -129,6 +129,9 @@ def test_bad_specs_name_the_value_and_the_choices(assets):
     with pytest.raises(ConfigError, match="data.chat_template=true renders \\[prompt, response\\] records"):
         DataConfig(task="lm", dataset="x.parquet", chat_template=True)
     assert DataConfig(task="lm", dataset="org/name").dataset.path == "org/name"  # a string is the path
+    if os.environ.get("HF_HUB_OFFLINE") == "1":  # a Hub id that cannot be reached is a message, not a traceback
+        with pytest.raises(DataError, match=r"could not load Hub dataset 'org/name'.*give its local folder"):
+            load_examples(data_cfg(assets, "org/name"), "train", 0)
 
 
 def test_hub_dataset_when_reachable(tmp_path):
