@@ -42,8 +42,8 @@ from .files import FINISHED_MARKER, is_run_folder
 from .losses import LOSSES, DistillLoss, LossSetup, build_loss
 from .models import TaskKind
 from .resume import check_resume
-from .trackers import check_available
 from .taps import Tap
+from .trackers import check_available
 
 log = logging.getLogger("scaledkd")
 
