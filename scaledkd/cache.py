@@ -293,6 +293,8 @@ _DTYPES = {"F32": (np.float32, None), "F16": (np.float16, None), "BF16": (np.int
 def mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file as a copy-on-write memory map: pages are read when a row is touched.
 
+    Read this way, not through ``safetensors.safe_open``, because a batch slices a few rows out of every tap: a
+    view of a mapped array costs a Python slice, where ``get_slice`` costs a call into the library per row and tap.
     (The format: 8-byte little-endian header length, a JSON header of dtype/shape/byte range per tensor, then
     the data, each tensor aligned to its element size.)
     """
