@@ -234,6 +234,7 @@ def test_second_run_reads_tokens_from_the_cache(assets, tmp_path):
     assert CountingTokenizer.texts_seen == []  # the second reads the cache: not one text tokenised
     assert sorted((tmp_path / "cache").rglob("cache-*.arrow")) == cached
     assert first.to_dict() == second.to_dict()
+    assert second.cache_files and {f["filename"] for f in second.cache_files} <= {str(c) for c in cached}  # mapped
 
 
 # ------------------------------------------------------------------------------------------------- streaming

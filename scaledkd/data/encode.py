@@ -16,7 +16,8 @@ Documents with no scored token (an empty response, a conversation without an ass
 The map's fingerprint is derived from the source dataset's fingerprint, the tokenizer's content (vocabulary,
 merges, special tokens, chat template) and the document format, so a second run over the same data with the same
 tokenizer reads the cached token ids instead of tokenising again (``datasets`` keeps them beside the source's
-cache files, under ``data.dataset.cache_dir``).
+cache files, under ``data.dataset.cache_dir``). The packed rows are cached the same way (:func:`pack_tokenized`),
+so a second run memory-maps its rows instead of building them in memory.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from typing import Any
 import datasets
 
 from scaledkd.data.base import DataError
-from scaledkd.data.lm import special_ids
+from scaledkd.data.lm import pack_documents, special_ids
 from scaledkd.data.sources import column_names
 
 ENCODING_VERSION = "scaledkd-lm-docs/1"  # bump when the encoding below changes, so old caches are not reused
@@ -150,3 +151,24 @@ def tokenize_documents(docs: datasets.Dataset | datasets.IterableDataset, tokeni
         [ENCODING_VERSION, docs._fingerprint, tokenizer_fingerprint(tokenizer), str(chat)]).encode()).hexdigest()[:16]
     return docs.map(encode, batched=True, remove_columns=columns, new_fingerprint=fingerprint,
                     desc="tokenize documents")
+
+
+def pack_tokenized(docs: datasets.Dataset, max_length: int, packing: bool, shuffle_seed: int | None,
+                   drop_remainder: bool) -> datasets.Dataset:
+    """:func:`~scaledkd.data.lm.pack_documents` over tokenised documents, as one cached ``datasets`` map: the same
+    rows, written beside the token cache under a fingerprint of the tokens and the packing settings.
+
+    Returns:
+        Rows with ``input_ids``, ``labels`` (and, packed, ``position_ids``), ``[L]`` each.
+    """
+    settings = [ENCODING_VERSION, docs._fingerprint, str(max_length), str(packing), str(shuffle_seed),
+                str(drop_remainder)]
+    fingerprint = hashlib.sha256("\0".join(settings).encode()).hexdigest()[:16]
+
+    def pack(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:  # the whole split is one batch
+        rows = pack_documents(datasets.Dataset.from_dict(batch), None, max_length, packing, shuffle_seed,
+                              drop_remainder)
+        return rows.to_dict()
+
+    return docs.map(pack, batched=True, batch_size=None, remove_columns=docs.column_names,
+                    new_fingerprint=fingerprint, desc="pack rows")

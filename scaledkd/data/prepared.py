@@ -12,7 +12,7 @@ import datasets
 
 from scaledkd.config import DataConfig
 from scaledkd.data.collate import make_collator, tokenize_dataset
-from scaledkd.data.encode import tokenize_documents
+from scaledkd.data.encode import pack_tokenized, tokenize_documents
 from scaledkd.data.lm import make_lm_collator, pack_documents
 from scaledkd.data.loading import Split, load_examples
 from scaledkd.data.stream import StreamRows
@@ -33,8 +33,9 @@ def prepare_split(cfg: DataConfig, tokenizer: Any, split: Split, seed: int, *, c
     causal LM, documents packed into rows (training rows shuffled with ``seed``, the last partial row dropped;
     held-out rows in order, the partial row kept).
 
-    With ``data.dataset``, documents are tokenised by a cached ``datasets`` map first
-    (:func:`~scaledkd.data.encode.tokenize_documents`); streamed training documents become
+    With ``data.dataset``, documents are tokenised and packed by cached ``datasets`` maps
+    (:func:`~scaledkd.data.encode.tokenize_documents`, :func:`~scaledkd.data.encode.pack_tokenized`): the same
+    rows as :func:`~scaledkd.data.lm.pack_documents` makes, memory-mapped; streamed training documents become
     :class:`~scaledkd.data.stream.StreamRows`, packed as they are read.
 
     Args:
@@ -47,6 +48,10 @@ def prepare_split(cfg: DataConfig, tokenizer: Any, split: Split, seed: int, *, c
         examples = tokenize_documents(examples, tokenizer, cfg.chat_template)
         if isinstance(examples, datasets.IterableDataset):
             return Prepared(StreamRows(examples, cfg.max_length, cfg.packing), make_lm_collator(tokenizer))
+        train = split == "train"
+        rows = pack_tokenized(examples, cfg.max_length, cfg.packing, shuffle_seed=seed if train else None,
+                              drop_remainder=train)
+        return Prepared(rows, make_lm_collator(tokenizer))
     if causal_lm:
         train = split == "train"
         rows = pack_documents(examples, tokenizer, cfg.max_length, cfg.packing,
