@@ -120,7 +120,7 @@ def test_bad_specs_name_the_value_and_the_choices(assets):
     folder = assets / "folder"
     folder.mkdir(exist_ok=True)
     shutil.copy(assets / "corpus.parquet", folder / "train.parquet")
-    with pytest.raises(DataError, match=r"data.dataset.split: could not read split 'valid'.*train"):
+    with pytest.raises(DataError, match=r"data.dataset.split: could not read folder .*\(split 'valid'\).*train"):
         load_examples(data_cfg(assets, str(folder), text_columns=["content"], dataset={"split": "valid"}), "train", 0)
     with pytest.raises(ConfigError, match="data.dataset reads causal-LM documents; it needs data.task='lm'"):
         DataConfig(task="text", dataset="corpus.parquet", train_file="x")

@@ -93,10 +93,14 @@ def open_split(cfg: DataConfig, split_name: str, streaming: bool) -> Documents:
     except (ValueError, KeyError) as err:  # unknown split / config: datasets' message lists the valid ones
         key = "data.dataset.name" if "config" in str(err).lower() and "split" not in str(err).lower() else (
             "data.dataset.split" if split_name == source.split else "data.dataset.eval_split")
-        raise DataError(f"{key}: could not read split {split_name!r} of {where}: {err}") from None
+        raise DataError(f"{key}: could not read {where} (split {split_name!r}): {err}") from None
     except Exception as err:  # network, missing Hub dataset, unparsable file: many types
-        hint = ("; the Hub is not reachable from here: download the dataset and give its local folder, or set "
-                "data.dataset.cache_dir to a populated cache" if local is None else "")
+        hint = ""
+        if local is None and isinstance(err, ConnectionError):
+            hint = ("; the Hub is not reachable from here: download the dataset and give its local folder, or set "
+                    "data.dataset.cache_dir to a populated cache")
+        elif local is None:
+            hint = "; a Hub id is owner/name, and a local path must exist (relative to data.data_dir)"
         raise DataError(f"could not load {where} (data.dataset): {type(err).__name__}: {err}{hint}") from err
 
 
