@@ -7,7 +7,7 @@ import torch
 
 from scaledkd.losses import LossBatch, LossSetup, ModelOutputs, build_loss
 from scaledkd.losses.attention import attention_kl, key_mask, score_mse, scores, split_heads
-from scaledkd.losses.attention_blocks import BLOCK_ELEMENTS, blocked_row_kl, check_block_size
+from scaledkd.losses.attention_blocks import BLOCK_ELEMENTS, blocked_row_kl, check_block_size, rows_per_block
 from scaledkd.mixup import EmbeddingMixup
 from scaledkd.taps import Captures
 from tests.conftest import make_batch, tiny_config, tiny_model
@@ -139,7 +139,10 @@ def test_block_size_is_validated_and_capped(monkeypatch, teacher_bert):
     want = blocked_row_kl(*heads, keys, rows, False, 64)
     monkeypatch.setattr("scaledkd.losses.attention_blocks.BLOCK_ELEMENTS", B * H * L * 2)  # 2 rows per block
     torch.testing.assert_close(blocked_row_kl(*heads, keys, rows, False, 64), want, rtol=1e-6, atol=0)
-    assert BLOCK_ELEMENTS >= 2**20
+    monkeypatch.undo()
+    assert rows_per_block(128, 8, 12, 256) == 128  # 12.6 MiB buffers: as asked
+    assert rows_per_block(128, 32, 12, 256) == BLOCK_ELEMENTS // (32 * 12 * 256) < 128
+    assert rows_per_block(128, 8, 32, 2**17) == 1
 
 
 # ------------------------------------------------------------------------------------ the losses end to end
