@@ -73,6 +73,7 @@ class LossPlan:
         pairs: its resolved ``(student, teacher)`` layer pairs, or None without a layer mapping.
         trainable_params: parameters of its own modules (projections, filters, heads), trained with the student.
         ema_decay: the EMA student it compares against (clean-input losses), or None.
+        teacher_top_k: how many of the teacher's largest logits per token it compares (None: all of them).
     """
 
     key: str
@@ -83,6 +84,7 @@ class LossPlan:
     pairs: tuple[tuple[int, int], ...] | None
     trainable_params: int
     ema_decay: float | None
+    teacher_top_k: int | None = None
 
 
 @dataclass
@@ -294,7 +296,7 @@ def loss_plans(cfg: Config, s_config: Any, t_config: Any | None, task: TaskKind)
             key=key, config=lc, needs=frozenset(loss.needs), student_taps=frozenset(student_taps),
             teacher_taps=frozenset(teacher_taps), pairs=tuple(loss.pairs) if loss.pairs is not None else None,
             trainable_params=sum(p.numel() for p in loss.parameters() if p.requires_grad),
-            ema_decay=loss.ema_decay))
+            ema_decay=loss.ema_decay, teacher_top_k=loss.teacher_top_k))
     return plans
 
 

@@ -3,8 +3,9 @@ from the stored outputs without ever loading the teacher.
 
 ``scaledkd cache RECIPE teacher.cache=DIR`` (:func:`build_cache`) runs the recipe's teacher over every row of the
 prepared training split (the rows a run trains on, in their order) and stores, per row, exactly what the recipe's
-losses read from the teacher: its logits (``[C]`` per row, when a loss reads them) and its tapped hidden states /
-Q / K / V, each ``[n_i, D]`` for the row's ``n_i`` real tokens (unpadded). A run with ``teacher.cache: DIR`` then
+losses read from the teacher: its logits (``[C]`` per row, when a loss reads them; for a causal LM the ``k``
+largest per token, ids and values, ``[n_i, k]``) and its tapped hidden states / Q / K / V, each ``[n_i, D]`` for the
+row's ``n_i`` real tokens (unpadded; a packed causal-LM row is all real tokens). A run with ``teacher.cache: DIR`` then
 never loads the teacher: :class:`CachedTeacher` stands in for the :class:`~scaledkd.engine.module.TeacherRunner`
 and rebuilds, for each micro-batch (its rows named by the batch's ``example_ids``), the padded
 :class:`~scaledkd.losses.ModelOutputs` the live teacher would return. Padding positions hold zeros; every loss
@@ -12,14 +13,16 @@ masks them (padded keys leave the softmax, padded queries and tokens leave the m
 
 ``DIR`` holds ``scaledkd_cache.json`` (the manifest, written last) and ``shard_NNNNN.safetensors`` files of
 consecutive rows. In a shard, each tap (``hidden.3``, ``q.2``, ...) is one ``[T, D]`` tensor (its rows' tokens
-concatenated), ``offsets [n + 1]`` int64 says where each row starts, and ``logits`` is ``[n, C]``. Shards are
+concatenated), ``offsets [n + 1]`` int64 says where each row starts, and ``logits`` is ``[n, C]`` (causal LMs:
+``logits.topk_values`` / ``logits.topk_ids`` ``[T, k]`` per token instead). Shards are
 memory-mapped when read: every rank opens them, and no rank reads the whole cache into memory.
 
 The manifest's key is what the stored outputs depend on: the teacher's weight files (sha256) and config, the
 task head and precision, the tokenizer's files, the tokenisation settings, the training examples (a hash of
 their text) and the taps. A run whose key differs, or that reads a tap the cache lacks, is refused with a message
-naming what changed. Recipes whose teacher sees inputs drawn during training (``train.mixup``) and causal-LM
-recipes (their logits are ``[L, V]`` per row) are refused with the reason.
+naming what changed. Recipes whose teacher sees inputs drawn during training (``train.mixup``, ``data.on_policy``),
+streamed data, and causal-LM logit losses over the whole vocabulary (the cache holds the top ``k``; ``lm_kd`` needs
+``top_k <= k``) are refused with the reason.
 """
 from __future__ import annotations
 
@@ -55,6 +58,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "tokenizer.model", "sentencepiece.bpe.model",
                    "chat_template.jinja")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+TOPK_VALUES, TOPK_IDS = "logits.topk_values", "logits.topk_ids"  # causal LMs: per token, [T, k] each
 
 
 class StaleCache(ConfigError):
@@ -78,18 +82,34 @@ def teacher_reads(plan) -> tuple[list[Tap], bool]:
     return sorted(taps), logits
 
 
+def logit_top_k(plan) -> int | None:
+    """Causal LMs: the most teacher logits per token any loss compares (what the cache must hold at least)."""
+    ks = [lp.teacher_top_k for lp in plan.losses
+          if {"teacher", "logits"} <= lp.needs and lp.teacher_top_k is not None]
+    return max(ks) if plan.task == "causal_lm" and ks else None
+
+
 def check_cacheable(plan) -> None:
     """Refuse a recipe whose teacher outputs cannot be computed ahead of training.
 
     Raises:
-        ConfigError: no teacher, a causal-LM recipe, mixup, or no loss reading the teacher (the reason named).
+        ConfigError: no teacher, mixup, on-policy or streamed data, a causal-LM logit loss over the whole
+            vocabulary, or no loss reading the teacher (the reason named).
     """
     cfg = plan.cfg
     if cfg.teacher is None:
         raise ConfigError("teacher.cache needs a teacher; this recipe has teacher: null")
+    if cfg.data.on_policy is not None:
+        raise ConfigError("teacher.cache cannot serve data.on_policy: the teacher scores the student's own "
+                          "continuations, sampled anew at every step; drop teacher.cache (or data.on_policy)")
+    if cfg.data.streaming:
+        raise ConfigError("teacher.cache cannot serve data.streaming: streamed rows have no fixed place in a "
+                          "training split to store their outputs under; drop teacher.cache (or data.streaming)")
     if plan.task == "causal_lm":
-        raise ConfigError("teacher.cache does not support causal-LM recipes (data.task='lm'): their teacher logits "
-                          "are [L, V] per row; drop teacher.cache and run the teacher live")
+        for lp in plan.losses:
+            if {"teacher", "logits"} <= lp.needs and lp.teacher_top_k is None:
+                raise ConfigError(f"teacher.cache stores a causal-LM teacher's top-k logits per token, but loss "
+                                  f"{lp.key!r} compares the whole vocabulary; set its params.top_k (e.g. 64)")
     if cfg.train.mixup:
         raise ConfigError("teacher.cache cannot serve train.mixup=true: the teacher must see the student's mixed "
                           "inputs, drawn anew at every step, so its outputs cannot be computed ahead; drop "
@@ -278,7 +298,13 @@ def _mismatch(manifest: Mapping[str, Any], plan) -> list[str]:
     if missing:
         problems.append(f"taps changed (the recipe reads {', '.join(missing)}, which the cache does not hold; it "
                         f"holds {', '.join(manifest['taps']) or 'none'})")
-    if logits and not manifest["logits"]:
+    stored_k = manifest.get("top_k")
+    if plan.task == "causal_lm":
+        for lp in plan.losses:
+            if {"teacher", "logits"} <= lp.needs and lp.teacher_top_k > (stored_k or 0):
+                problems.append(f"top-k changed (loss {lp.key!r} compares the teacher's top {lp.teacher_top_k} "
+                                f"logits per token; the cache holds its top {stored_k})")
+    elif logits and not manifest["logits"]:
         problems.append("taps changed (the recipe reads the teacher's logits, which the cache does not hold)")
     return problems
 
@@ -323,6 +349,8 @@ class TeacherCache:
         self.manifest = manifest
         self.taps = list(manifest["taps"])
         self.has_logits = bool(manifest["logits"])
+        self.top_k = manifest.get("top_k")  # causal LMs: the teacher's top-k logits per token (TOPK_IDS/VALUES)
+        self.vocab = manifest.get("vocab")
         self.shards = [mmap_safetensors(self.folder / s["file"]) for s in manifest["shards"]]
         self.offsets = [s["offsets"].tolist() for s in self.shards]
         self.starts = []
@@ -408,7 +436,24 @@ class CachedTeacher:
             full[real] = flat.to(real.device)
             getattr(captures, tap.kind)[tap.layer] = full.to(device)
         logits = self.cache.logits(where).to(device) if self.cache.has_logits else None
+        if self.cache.top_k:
+            logits = self._topk_logits(where, real, n_real)
         return ModelOutputs(logits=logits, captures=captures)
+
+
+    def _topk_logits(self, where: list[tuple[int, int]], real: torch.Tensor, n_real: int) -> torch.Tensor:
+        """``[B, L, V]`` teacher logits: the stored top-k values at their ids, ``-inf`` at every other id (so a
+        loss's ``top_k <= k`` selects exactly the live teacher's top ids and values), zeros at padding."""
+        values = self.cache.tokens(TOPK_VALUES, where).to(real.device)
+        ids = self.cache.tokens(TOPK_IDS, where).to(real.device, torch.long)
+        if values.shape[0] != n_real:
+            raise StaleCache(f"teacher.cache={str(self.cache.folder)!r}: the batch has {n_real} real tokens, the "
+                             f"cache {values.shape[0]} for its rows; rebuild the cache")
+        rows = torch.full((n_real, self.cache.vocab), float("-inf"), dtype=values.dtype, device=real.device)
+        rows.scatter_(1, ids, values)
+        logits = torch.zeros(*real.shape, self.cache.vocab, dtype=values.dtype, device=real.device)
+        logits[real] = rows
+        return logits
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -464,7 +509,7 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def build_cache(cfg: Config, *, batch_size: int | None = None, overwrite: bool = False,
+def build_cache(cfg: Config, *, batch_size: int | None = None, overwrite: bool = False, top_k: int | None = None,
                 shard_bytes: int = SHARD_BYTES) -> dict[str, Any]:
     """``scaledkd cache``: run the teacher over the training rows and write the cache to ``teacher.cache``.
 
@@ -475,6 +520,8 @@ def build_cache(cfg: Config, *, batch_size: int | None = None, overwrite: bool =
     Args:
         batch_size: rows per teacher forward (default ``train.batch_size``).
         overwrite: replace a stale cache in ``teacher.cache`` (never a folder that holds anything else).
+        top_k: causal LMs: the teacher logits kept per token (default: the largest ``top_k`` of the recipe's
+            logit losses; at least that).
 
     Returns:
         A summary: folder, rows, shards, bytes, bytes per row, seconds, and whether it was ``built``.
@@ -504,7 +551,13 @@ def build_cache(cfg: Config, *, batch_size: int | None = None, overwrite: bool =
 
     t0 = time.perf_counter()
     tokenizer = models.load_tokenizer(plan.tokenizer_source)
-    train = data.prepare_split(cfg.data, tokenizer, "train", cfg.train.seed, causal_lm=False,
+    causal_lm = plan.task == "causal_lm"
+    need_k = logit_top_k(plan)
+    if causal_lm and top_k is not None and need_k is not None and top_k < need_k:
+        raise ConfigError(f"--top-k {top_k} keeps fewer teacher logits per token than the recipe compares "
+                          f"(top_k={need_k}); use --top-k {need_k} or more")
+    top_k = (top_k or need_k) if causal_lm else None
+    train = data.prepare_split(cfg.data, tokenizer, "train", cfg.train.seed, causal_lm=causal_lm,
                                examples=plan.examples["train"])
     rows = train.rows
     key, digest = cache_key(plan), rows_digest(rows)
@@ -522,6 +575,8 @@ def build_cache(cfg: Config, *, batch_size: int | None = None, overwrite: bool =
 
     taps, with_logits = teacher_reads(plan)
     names = [tap_name(t) for t in taps]
+    with_logits = with_logits and not causal_lm  # a causal LM's are stored per token, as top-k
+    stored = names + ([TOPK_VALUES, TOPK_IDS] if top_k else [])
     device = _device()
     fresh = key["teacher config"].get("initialised from train.seed")
     if fresh:
@@ -535,7 +590,7 @@ def build_cache(cfg: Config, *, batch_size: int | None = None, overwrite: bool =
     work = dest.with_name(f".{dest.name}.building-{os.getpid()}")
     work.mkdir(parents=True)
     try:
-        writer = _ShardWriter(work, names, with_logits, shard_bytes)
+        writer = _ShardWriter(work, stored, with_logits, shard_bytes)
         bar = None
         if cfg.train.progress:
             from tqdm.auto import tqdm
@@ -550,6 +605,10 @@ def build_cache(cfg: Config, *, batch_size: int | None = None, overwrite: bool =
             mask = batch.get("attention_mask")
             real = mask.bool() if mask is not None else torch.ones_like(batch["input_ids"], dtype=torch.bool)
             tokens = {tap_name(t): captures.get(t)[real] for t in taps}
+            if top_k:
+                vocab = out.logits.shape[-1]
+                values, ids = out.logits[real].topk(top_k, dim=-1)  # [T, k]
+                tokens |= {TOPK_VALUES: values, TOPK_IDS: ids.to(torch.int32)}
             writer.add(real.sum(1).tolist(), tokens, out.logits.detach() if with_logits else None)
             if bar is not None:
                 bar.update(real.shape[0])
@@ -560,7 +619,7 @@ def build_cache(cfg: Config, *, batch_size: int | None = None, overwrite: bool =
         seconds = time.perf_counter() - t0
         write_json(work / MANIFEST, {
             "format": FORMAT, "key": key, "data settings": data_settings(cfg), "rows": digest, "taps": names,
-            "logits": with_logits, "dtype": str(next(teacher.parameters()).dtype).removeprefix("torch."),
+            "logits": with_logits, "top_k": top_k, "vocab": vocab if top_k else None, "dtype": str(next(teacher.parameters()).dtype).removeprefix("torch."),
             "teacher": plan.teacher_path, "shards": writer.shards, "bytes": writer.bytes,
             "build_seconds": round(seconds, 3),
         })
@@ -569,7 +628,7 @@ def build_cache(cfg: Config, *, batch_size: int | None = None, overwrite: bool =
         shutil.rmtree(work, ignore_errors=True)  # our own half-written folder, never the user's
         raise
     summary = {"cache": str(dest), "built": True, "rows": len(rows), "shards": len(writer.shards),
-               "taps": names, "logits": with_logits, "bytes": writer.bytes,
+               "taps": names, "logits": with_logits, "top_k": top_k, "bytes": writer.bytes,
                "bytes_per_row": writer.bytes / max(1, len(rows)), "seconds": round(seconds, 3)}
     log.info("teacher cache %s: %d rows, %d shard(s), %.1f MiB (%.0f bytes per row), %.1f s", dest, len(rows),
              len(writer.shards), writer.bytes / 2**20, summary["bytes_per_row"], seconds)

@@ -124,7 +124,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     from .cache import build_cache
 
-    summary = build_cache(_load(args.items, need_recipe=True), batch_size=args.batch_size, overwrite=args.overwrite)
+    summary = build_cache(_load(args.items, need_recipe=True), batch_size=args.batch_size, overwrite=args.overwrite,
+                          top_k=args.top_k)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -225,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows per teacher forward (default: train.batch_size)")
     p.add_argument("--overwrite", action="store_true",
                    help="rebuild a stale cache in teacher.cache (a folder holding anything else is never touched)")
+    p.add_argument("--top-k", type=_positive_int, default=None,
+                   help="causal LMs: teacher logits kept per token (default: the largest top_k of the recipe's "
+                        "lm_kd losses)")
     p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("losses", help="list the registered losses")

@@ -171,13 +171,50 @@ def test_uncacheable_recipes_are_refused_with_the_reason(ragged, tmp_path):
         resolve(_cfg(tmp_path, teacher, data_dir, tmp_path / "nowhere", losses=[{"name": "logit_kd"}]))
 
 
-def test_causal_lm_recipes_are_refused(lm_assets, tmp_path):
-    recipe = lm_recipe(lm_assets, tmp_path / "run")
-    recipe["teacher"]["cache"] = str(tmp_path / "cache")
-    with pytest.raises(ConfigError, match=r"does not support causal-LM recipes \(data.task='lm'\)"):
-        build_cache(config_from_dict(recipe))
-    with pytest.raises(ConfigError, match="causal-LM"):
-        resolve(config_from_dict(recipe))
+LM_LOSSES = [{"name": "lm_kd", "weight": 0.5, "params": {"divergence": "jsd", "top_k": 8, "chunk_size": 16}},
+             {"name": "lm_task", "weight": 0.5}, {"name": "hidden_mse", "weight": 0.1}]
+
+
+def _lm_cfg(root: Path, out: Path, cache: Path | None, losses=None, **sections):
+    recipe = lm_recipe(root, out, losses=losses or LM_LOSSES, **sections)
+    if cache is not None:
+        recipe["teacher"]["cache"] = str(cache)
+    return config_from_dict(recipe)
+
+
+@pytest.mark.slow
+def test_causal_lm_from_the_cache_equals_the_live_teacher(lm_assets, tmp_path):
+    """Packed causal-LM rows: the cache keeps the teacher's top-16 logits per token; lm_kd with top_k 8 (JSD) and a
+    hidden-state loss give the live teacher's values."""
+    from scaledkd.engine import run as run_mod
+
+    cache = tmp_path / "cache"
+    summary = build_cache(_lm_cfg(lm_assets, tmp_path / "x", cache), top_k=16, shard_bytes=64 * 1024)
+    assert summary["top_k"] == 16 and not summary["logits"] and summary["shards"] > 1
+    for name, with_cache in (("live", None), ("cached", cache)):
+        run = run_mod.setup(resolve(_lm_cfg(lm_assets, tmp_path / name, with_cache)))
+        assert (run.teacher_model is None) == (with_cache is not None)
+        run_mod.train(run)
+    want, got = _step_records(tmp_path / "live"), _step_records(tmp_path / "cached")
+    assert [r["step"] for r in got] == [1, 2, 3]
+    for w, g in zip(want, got, strict=True):
+        for term in ("loss", "lm_kd", "lm_task", "hidden_mse"):
+            assert g[term] == pytest.approx(w[term], abs=1e-6, rel=0), (w["step"], term)
+
+
+def test_causal_lm_caches_need_top_k_logit_losses(lm_assets, tmp_path):
+    full = [{"name": "lm_kd", "params": {"top_k": None}}]
+    with pytest.raises(ConfigError, match=r"loss 'lm_kd' compares the whole vocabulary; set its params.top_k"):
+        build_cache(_lm_cfg(lm_assets, tmp_path / "run", tmp_path / "cache", losses=full))
+    top8 = [{"name": "lm_kd", "params": {"top_k": 8}}]
+    with pytest.raises(ConfigError, match=r"--top-k 4 keeps fewer teacher logits per token than the recipe compares"):
+        build_cache(_lm_cfg(lm_assets, tmp_path / "run", tmp_path / "cache", losses=top8), top_k=4)
+    build_cache(_lm_cfg(lm_assets, tmp_path / "run", tmp_path / "cache", losses=top8))
+    resolve(_lm_cfg(lm_assets, tmp_path / "run", tmp_path / "cache", losses=top8))
+    top16 = [{"name": "lm_kd", "params": {"top_k": 16}}]
+    with pytest.raises(StaleCache, match=r"loss 'lm_kd' compares the teacher's top 16 logits per token; the cache "
+                                         r"holds its top 8"):
+        resolve(_lm_cfg(lm_assets, tmp_path / "run", tmp_path / "cache", losses=top16))
 
 
 @pytest.mark.slow

@@ -94,12 +94,16 @@ class DistillLoss(nn.Module):
     - ``logits_from_head``: a loss with ``logits`` in ``needs`` that can equally read ``ModelOutputs.hidden_final``
       and ``head`` (a causal LM's final hidden states and output layer) instead of full logits. When every loss
       reading a model's logits says so, the engine skips that model's head (decided once, at setup).
+    - ``teacher_top_k``: a loss reading the teacher's logits that compares only the teacher's ``k`` largest per
+      token (``lm_kd``'s ``top_k``); a teacher-output cache of a causal LM stores that many per token. None: it
+      reads the whole distribution.
     """
 
     needs: ClassVar[Needs] = frozenset()
     tasks: ClassVar[frozenset[str] | None] = None  # None = any task
     pairs: list[tuple[int, int]] | None = None
     ema_decay: float | None = None
+    teacher_top_k: int | None = None
     logits_from_head: bool = False
 
     def __init__(self, setup: LossSetup) -> None:

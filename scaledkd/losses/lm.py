@@ -88,7 +88,7 @@ class LanguageModelKD(DistillLoss):
         self.temperature = float(temperature)
         self.beta = float(beta)
         self.alpha = float(alpha)
-        self.top_k = top_k
+        self.top_k = self.teacher_top_k = top_k
         self.chunk_size = chunk_size
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: LossBatch) -> torch.Tensor:
