@@ -70,6 +70,26 @@ def test_kernel_matches_reference(kind, causal, block_size):
     assert_same(blocked, reference, leaves, torch.autograd.grad(blocked, leaves))
 
 
+BIAS_CASES = [(kind, shape) for kind in ("kl", "mse") for shape in ((B, 1, 1, L), (1, H, 1, L), (L, L))]
+BIAS_CASES.append(("mse", (1, H, L, 1)))  # constant along a row: a softmax ignores it, so only the MSE sees it
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kind,shape", BIAS_CASES)
+def test_broadcast_biases_match_reference(kind, shape, causal):
+    """Trainable biases that broadcast over rows (per-key biases), over keys, or over batch and heads: their
+    gradients are summed over the broadcast dims block by block, as autograd sums them."""
+    g = torch.Generator().manual_seed(len(shape))
+    keys, rows = masks()
+    q_s = torch.randn(B, H, L, 8, generator=g, requires_grad=True)
+    bias_s = torch.randn(shape, generator=g).requires_grad_()
+    teacher = tuple(torch.randn(B, H, L, 8, generator=g) for _ in range(2)) + (None,)
+    student = (q_s, teacher[1], bias_s)
+    reference = loss_of(kind, teacher, student, keys, rows, causal, None)
+    blocked = loss_of(kind, teacher, student, keys, rows, causal, 5)
+    assert_same(blocked, reference, [q_s, bias_s], torch.autograd.grad(blocked, [q_s, bias_s]))
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_relation_heads_match_reference(causal):
     """qkv_relation's shape: q = k = X split into relation heads (3 here) unlike any model head count; the

@@ -191,11 +191,14 @@ def _block_loop(target: Heads, pred: Heads, keys: torch.Tensor, weight: torch.Te
     for r0 in range(0, L, block_size):
         r1 = min(r0 + block_size, L)
         b = r1 - r0
+        # Causal: keys past the block's last row are masked for all its rows, so they are left out altogether (about
+        # half the work); a softmax over only masked-out keys (all-padding rows) is uniform either way: KL 0, G 0.
+        kr = r1 if causal else L  # [B, H, b, kr] blocks
         mask = fixed
         if causal:
-            mask = _mask_values(pad | (positions[None, :] > positions[r0:r1, None]), kind)  # [B, 1, b, L]
-        a_s = _scores(qc_s[:, r0:r1], k_s3, b_s, mask if kind == "kl" else None, r0, r1, H)  # [BH, b, L]
-        a_t = _scores(qc_t[:, r0:r1], k_t3, b_t, mask if kind == "kl" else None, r0, r1, H)
+            mask = _mask_values(pad[..., :kr] | (positions[None, :kr] > positions[r0:r1, None]), kind)  # [B,1,b,kr]
+        a_s = _scores(qc_s[:, r0:r1], k_s3[:, :kr], b_s, mask if kind == "kl" else None, r0, r1, H)  # [BH, b, kr]
+        a_t = _scores(qc_t[:, r0:r1], k_t3[:, :kr], b_t, mask if kind == "kl" else None, r0, r1, H)
         w = weight[:, None, r0:r1].expand(B, H, b)  # [B, H, b]
         if kind == "kl":
             p_t, p_s = torch.softmax(a_t, dim=-1), torch.softmax(a_s, dim=-1)
@@ -208,7 +211,7 @@ def _block_loop(target: Heads, pred: Heads, keys: torch.Tensor, weight: torch.Te
             g = a_s.sub_(a_t)  # a_s - a_t
             del a_t
             if mask is not None:
-                g.view(B, H, b, L).mul_(mask)
+                g.view(B, H, b, kr).mul_(mask)
             total += (g.square().sum(-1).view(B, H, b) * w).sum()
             w = w * 2.0  # dL/da_s = 2 w (a_s - a_t) on allowed entries
         if grad:
@@ -216,15 +219,15 @@ def _block_loop(target: Heads, pred: Heads, keys: torch.Tensor, weight: torch.Te
             # dq = diag(w) G k / sqrt(d), dk = G^T diag(w) q / sqrt(d).
             wr = w.reshape(BH, b, 1)
             if want_q:
-                dq_rows = torch.bmm(g, k_s3).mul_(wr.div(math.sqrt(d_s)))
+                dq_rows = torch.bmm(g, k_s3[:, :kr]).mul_(wr.div(math.sqrt(d_s)))
                 if shared:
                     dq[:, r0:r1].add_(dq_rows)
                 else:
                     dq[:, r0:r1] = dq_rows
             if want_k or shared:
-                (dq if shared else dk).baddbmm_(g.transpose(1, 2), qc_s[:, r0:r1] * wr)
+                (dq if shared else dk)[:, :kr].baddbmm_(g.transpose(1, 2), qc_s[:, r0:r1] * wr)
             if want_b:
-                _accumulate_bias(db, g.mul_(wr).view(B, H, b, L), r0, r1)
+                _accumulate_bias(db, g.mul_(wr).view(B, H, b, kr), r0, r1)
         del g
     return total, [x.view(B, H, L, d_s) if x is not db else x for x in (dq, dk, db) if x is not None]
 
@@ -258,24 +261,28 @@ def _row_kl(a_t: torch.Tensor, a_s: torch.Tensor, p_t: torch.Tensor, p_s: torch.
 
 def _scores(qc: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor | None, r0: int,
             r1: int, heads: int) -> torch.Tensor:
-    """Scores of query rows ``r0:r1``: ``qc [BH, b, d] @ k [BH, L, d]^T + bias rows + mask``, ``[BH, b, L]``
-    (``qc`` already divided by sqrt(d); ``mask`` additive, ``[B, 1, b or 1, L]``)."""
+    """Scores of query rows ``r0:r1`` against the first ``kr`` keys: ``qc [BH, b, d] @ k [BH, kr, d]^T + bias +
+    mask``, ``[BH, b, kr]`` (``qc`` already divided by sqrt(d); ``mask`` additive, ``[B, 1, b or 1, kr]``)."""
     a = torch.bmm(qc, k.transpose(1, 2))
     if bias is not None or mask is not None:
-        a4 = a.view(-1, heads, r1 - r0, a.shape[-1])  # [B, H, b, L]
+        kr = a.shape[-1]
+        a4 = a.view(-1, heads, r1 - r0, kr)  # [B, H, b, kr]
         if bias is not None:
-            a4.add_(bias[:, :, r0:r1] if bias.shape[2] != 1 else bias)
+            a4.add_(bias[_window(bias, r0, r1, kr)])
         if mask is not None:
             a4.add_(mask)
     return a
 
 
 def _accumulate_bias(db: torch.Tensor, g: torch.Tensor, r0: int, r1: int) -> None:
-    """Add the block's score gradient ``g [B, H, b, L]`` into ``db`` (the 4-d bias's shape), summing the dims
-    the bias broadcasts over."""
-    dims = [i for i in (0, 1, 3) if db.shape[i] == 1 and g.shape[i] != 1]
-    part = g.sum(dims, keepdim=True) if dims else g
-    if db.shape[2] == 1:
-        db.add_(part.sum(2, keepdim=True))
-    else:
-        db[:, :, r0:r1].add_(part)
+    """Add the block's score gradient ``g [B, H, b, kr]`` (rows ``r0:r1``, the first ``kr`` keys) into ``db`` (the
+    4-d bias's shape), summing the dims the bias broadcasts over."""
+    dims = [i for i in (0, 1, 2, 3) if db.shape[i] == 1 and g.shape[i] != 1]
+    db[_window(db, r0, r1, g.shape[3])].add_(g.sum(dims, keepdim=True) if dims else g)
+
+
+def _window(bias: torch.Tensor, r0: int, r1: int, kr: int) -> tuple[slice, ...]:
+    """Index of query rows ``r0:r1`` and keys ``:kr`` in a 4-d bias, leaving its broadcast (size-1) dims whole."""
+    rows = slice(r0, r1) if bias.shape[2] != 1 else slice(None)
+    keys = slice(0, kr) if bias.shape[3] != 1 else slice(None)
+    return slice(None), slice(None), rows, keys
