@@ -183,16 +183,19 @@ def _lm_cfg(root: Path, out: Path, cache: Path | None, losses=None, **sections):
 
 
 @pytest.mark.slow
-def test_causal_lm_from_the_cache_equals_the_live_teacher(lm_assets, tmp_path):
-    """Packed causal-LM rows: the cache keeps the teacher's top-16 logits per token; lm_kd with top_k 8 (JSD) and a
-    hidden-state loss give the live teacher's values."""
+@pytest.mark.parametrize("packing", [True, False])
+def test_causal_lm_from_the_cache_equals_the_live_teacher(lm_assets, tmp_path, packing):
+    """Causal-LM rows (packed, or one padded document per row): the cache keeps the teacher's top-16 logits per
+    token; lm_kd with top_k 8 (JSD) and a hidden-state loss give the live teacher's values."""
     from scaledkd.engine import run as run_mod
 
     cache = tmp_path / "cache"
-    summary = build_cache(_lm_cfg(lm_assets, tmp_path / "x", cache), top_k=16, shard_bytes=64 * 1024)
+    data_cfg = {"task": "lm", "data_dir": str(lm_assets), "train_file": "train.txt", "eval_file": "eval.txt",
+                "max_length": 32, "packing": packing}
+    summary = build_cache(_lm_cfg(lm_assets, tmp_path / "x", cache, data=data_cfg), top_k=16, shard_bytes=64 * 1024)
     assert summary["top_k"] == 16 and not summary["logits"] and summary["shards"] > 1
     for name, with_cache in (("live", None), ("cached", cache)):
-        run = run_mod.setup(resolve(_lm_cfg(lm_assets, tmp_path / name, with_cache)))
+        run = run_mod.setup(resolve(_lm_cfg(lm_assets, tmp_path / name, with_cache, data=data_cfg)))
         assert (run.teacher_model is None) == (with_cache is not None)
         run_mod.train(run)
     want, got = _step_records(tmp_path / "live"), _step_records(tmp_path / "cached")
