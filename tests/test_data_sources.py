@@ -70,6 +70,7 @@ def assets(tmp_path_factory):
     texts = stories(80, seed=3)
     with open(root / "pairs.jsonl", "w") as f:
         f.writelines(json.dumps({"prompt": texts[2 * i], "response": texts[2 * i + 1]}) + "\n" for i in range(40))
+        f.write(json.dumps({"prompt": "a prompt left unanswered", "response": "  "}) + "\n")  # skipped by both paths
     tok = chat_tokenizer(stories(240, seed=1))
     config = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=64, num_hidden_layers=4,
                                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,

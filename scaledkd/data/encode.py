@@ -103,7 +103,8 @@ def _encoder(tokenizer: Any, chat: bool) -> Callable[[dict[str, list[Any]]], dic
                     for p, t in zip(batch["prompt"], batch["text"], strict=True)]
         else:
             prompts = batch.get("prompt") or [""] * len(batch["text"])
-            docs = [[(p or "", False), (t or "", True)] for p, t in zip(prompts, batch["text"], strict=True)]
+            docs = [[(p or "", False), (t if t and t.strip() else "", True)]  # blank texts are skipped, as for files
+                    for p, t in zip(prompts, batch["text"], strict=True)]
         docs = [[(text, scored) for text, scored in doc if text] for doc in docs]  # "" adds no token
         texts = [text for doc in docs for text, _ in doc]
         encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
@@ -115,7 +116,7 @@ def _encoder(tokenizer: Any, chat: bool) -> Callable[[dict[str, list[Any]]], dic
                 piece = next(encoded)
                 ids += piece
                 scored += [int(is_scored)] * len(piece)
-            if not chat and "messages" not in batch:
+            if not chat:
                 if not any(scored):
                     continue  # an empty text: nothing to learn, as for files
                 head = [] if bos is None else [bos]

@@ -145,6 +145,24 @@ def with_document_columns(docs: Documents, cfg: DataConfig, what: str) -> Docume
     return docs.rename_columns(renames) if renames else docs
 
 
+def _has_text(texts: list[str | None]) -> list[bool]:
+    return [bool(t and t.strip()) for t in texts]
+
+
+def without_blank_texts(docs: Documents, what: str) -> Documents:
+    """``docs`` without records whose ``text`` (the scored text or response) is empty or blank, dropped before the
+    held-out split and the shuffle, as the file readers drop them (conversations are kept: their assistant turns
+    decide)."""
+    if "text" not in column_names(docs):
+        return docs
+    if isinstance(docs, datasets.IterableDataset):
+        return docs.filter(_has_text, input_columns="text", batched=True)
+    kept = docs.filter(_has_text, input_columns="text", batched=True, desc="skip blank documents")
+    if len(kept) < len(docs):
+        logger.warning("%s: %d records with an empty text or response are skipped", what, len(docs) - len(kept))
+    return kept
+
+
 def source_documents(cfg: DataConfig, split: Split, seed: int) -> Documents:
     """The documents of one split from ``data.dataset`` (``load_examples`` for ``data.task: lm`` with a dataset).
 
@@ -161,6 +179,7 @@ def source_documents(cfg: DataConfig, split: Split, seed: int) -> Documents:
     wanted: Split = "train" if cfg.eval_split == "train" else split
     name = source.eval_split if wanted == "dev" and source.eval_split else source.split
     docs = with_document_columns(open_split(cfg, name, cfg.streaming), cfg, f"split {name!r} of {source.path!r}")
+    docs = without_blank_texts(docs, f"split {name!r} of {source.path!r}")
     if cfg.streaming:
         docs = _stream_split(docs, cfg, split, held_out=wanted == "dev", own_split=name != source.split)
     else:
