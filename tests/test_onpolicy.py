@@ -323,6 +323,37 @@ def test_lambda_zero_is_the_plain_path_and_lambda_half_trains(assets, tmp_path, 
     assert json.loads((tmp_path / "half" / "metrics.json").read_text())["final"]["perplexity"] > 1
 
 
+@pytest.mark.slow
+def test_resumed_on_policy_run_samples_the_same_continuations(assets, tmp_path, capsys):
+    """4 sampled (temperature 1) on-policy steps with a checkpoint every 2; a resume from step_2 logs the same
+    losses and ends with the same weights: the samples depend on (seed, micro-batch, rank), not on the process."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from scaledkd.files import FINISHED_MARKER
+
+    def run(root, **train):
+        r = recipe(assets, root / "run", on_policy={"fraction": 0.5, "max_new_tokens": 6})
+        r["train"].update(max_steps=4, save_every=2, keep_checkpoints=0, **train)
+        assert cli.main(["distill", str(write_recipe(root / "r.yaml", **r))]) == 0, capsys.readouterr().err
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    full.mkdir()
+    run(full)
+    shutil.copytree(full, cut)
+    for leftover in (FINISHED_MARKER, "student", "checkpoints/step_4", "log.jsonl"):
+        target = cut / "run" / leftover
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    (cut / "run" / "checkpoints" / "latest").write_text("step_2")
+    run(cut, resume="latest")
+    want, got = _step_records(full / "run"), _step_records(cut / "run")
+    assert [r["lm_kd"] for r in got] == [r["lm_kd"] for r in want[2:]]
+    a = load_file(full / "run" / "student" / "model.safetensors")
+    b = load_file(cut / "run" / "student" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_on_policy_with_prompt_response_data_keeps_the_prompt(assets, tmp_path):
     run = _setup(assets, tmp_path / "run", on_policy={"fraction": 1.0, "max_new_tokens": 6, "temperature": 0.0},
                  train_file="sft.jsonl", eval_file=None, text_columns=["prompt", "response"], packing=False)
