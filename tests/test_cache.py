@@ -106,6 +106,7 @@ def test_training_from_the_cache_equals_the_live_teacher(ragged, tmp_path, monke
             assert not stored[~mask].any()
 
 
+@pytest.mark.slow
 def test_stale_cache_is_refused_naming_what_changed(ragged, tmp_path):
     _, data_dir = ragged
     teacher = tmp_path / "teacher"
@@ -205,6 +206,7 @@ def test_causal_lm_from_the_cache_equals_the_live_teacher(lm_assets, tmp_path, p
             assert g[term] == pytest.approx(w[term], abs=1e-6, rel=0), (w["step"], term)
 
 
+@pytest.mark.slow
 def test_causal_lm_caches_need_top_k_logit_losses(lm_assets, tmp_path):
     full = [{"name": "lm_kd", "params": {"top_k": None}}]
     with pytest.raises(ConfigError, match=r"loss 'lm_kd' compares the whole vocabulary; set its params.top_k"):
