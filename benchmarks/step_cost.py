@@ -31,7 +31,10 @@ step), in an order rotated every round so that drift on a shared machine falls o
 
 Memory: each configuration runs alone in its own process: the peak resident set size (``VmHWM``, reset once the
 engines are built) over ``--memory-steps`` steps, and its growth above the resident set before the first step.
-A configuration whose memory process fails (killed for memory, say) is left out of that length's timing.
+A configuration whose memory process fails (killed for memory, say) is left out of that length's timing. Every
+measuring process (cache builds, memory, timing) is forked from the parent once it has imported torch,
+transformers and DeepSpeed, before it has built anything, so each starts in a moment and a crash or an
+out-of-memory kill costs only its own rows.
 
 A teacher shorter than L (MiniLM has 512 positions) is measured through a copy whose position table is tiled to
 L rows: the step's cost does not depend on the values of those rows.
@@ -40,8 +43,7 @@ The full measurement (benchmarks/results/step_cost.md; about an hour on 2 cores,
 
     python benchmarks/step_cost.py
 
-A smoke run (tiny lengths and batches, a few minutes: each of its ~15 processes imports torch and DeepSpeed;
-written under runs/)::
+A smoke run (tiny lengths and batches, a few minutes; written under runs/)::
 
     python benchmarks/step_cost.py --quick
 """
@@ -56,11 +58,13 @@ import math
 import os
 import platform
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -118,12 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run the attention-map and relation losses on their plain reference computation "
                         "(block_size: null) instead of their default blocked one")
     p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run (the settings above still apply)")
-    p.add_argument("--child", choices=("cache", "memory", "time"), help=argparse.SUPPRESS)
-    p.add_argument("--spec", help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.child:
-        return args
     quick = args.quick
     defaults = {"lengths": [16, 32] if quick else [128, 256, 512, 1024], "steps": 3 if quick else 7,
                 "batch": 2 if quick else 32, "memory_steps": 1 if quick else 2,
@@ -183,34 +182,71 @@ def teacher12_status(path: str) -> tuple[str | None, str]:
     return str(Path(path).expanduser()), ""
 
 
-def run_child(kind: str, spec: dict[str, Any], workdir: Path, timeout: int, threads: int) -> dict[str, Any]:
-    """Run one measuring process; its result, or ``{"error": why}``."""
+def run_child(kind: str, spec: dict[str, Any], workdir: Path, timeout: int) -> dict[str, Any]:
+    """Run one measurement (``cache``, ``memory`` or ``time``) in a process of its own, forked from this one after
+    the heavy imports (:func:`preload`), so that it starts in a moment and shares nothing built by another; its
+    output goes to a log in ``workdir``. Returns its result, or ``{"error": why}`` (killed, failed, timed out)."""
     tag = f"{kind}_{spec['label']}_L{spec['length']}_B{spec['batch']}_{'+'.join(spec['configs'])}"
-    spec_path, result_path, log_path = (workdir / f"{tag}.{ext}" for ext in ("spec.json", "result.json", "log"))
-    spec_path.write_text(json.dumps(spec))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                              "MASTER_PORT")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR=env.get(
-        "DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--spec", str(spec_path),
-           "--result", str(result_path)]
+    result_path, log_path = workdir / f"{tag}.result.json", workdir / f"{tag}.log"
+    sys.stdout.flush()
+    sys.stderr.flush()
     start = time.perf_counter()
-    with log_path.open("w") as log:
+    pid = os.fork()
+    if pid == 0:  # the measuring process: never returns
+        code = 1
         try:
-            proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=timeout)
-        except subprocess.TimeoutExpired:
+            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            import torch
+
+            torch.set_num_threads(spec["threads"])
+            result = {"cache": build_cache, "memory": measure_memory, "time": time_configs}[kind](spec)
+            result_path.write_text(json.dumps(result))
+            code = 0
+        except BaseException:  # noqa: BLE001 - reported through the log and the exit code
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    status = None
+    while status is None:
+        done, raw = os.waitpid(pid, os.WNOHANG)
+        if done:
+            status = raw
+        elif time.perf_counter() - start > timeout:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
             return {"error": f"timed out after {timeout} s (--timeout)"}
+        else:
+            time.sleep(0.2)
     seconds = time.perf_counter() - start
-    if proc.returncode != 0 or not result_path.is_file():
+    if os.WIFSIGNALED(status) or os.WEXITSTATUS(status) != 0 or not result_path.is_file():
         tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or [""]
-        why = ("killed (SIGKILL: most likely out of memory)" if proc.returncode == -9
-               else f"exit code {proc.returncode}")
-        return {"error": f"{why}; last line: {tail[0][:300]}"}
+        why = (f"killed by signal {os.WTERMSIG(status)}" + (" (SIGKILL: most likely out of memory)"
+                                                              if os.WTERMSIG(status) == signal.SIGKILL else "")
+               if os.WIFSIGNALED(status) else f"exit code {os.WEXITSTATUS(status)}")
+        return {"error": f"{why}; last line of its log: {tail[0][:300]}"}
     result = json.loads(result_path.read_text())
     result["process_seconds"] = round(seconds, 1)
     return result
+
+
+def preload(threads: int) -> None:
+    """Settle the environment and import what every measuring process needs, once, before the first fork."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)  # each measuring process is rank 0 of its own world (scaledkd.engine.dist)
+    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                      OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import logging
+
+    import scaledkd.build
+    import scaledkd.engine.run  # torch, transformers, DeepSpeed
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if cache_available()[0]:
+        import scaledkd.cache  # noqa: F401
 
 
 def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -247,12 +283,12 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 config_spec = {**spec, "configs": [name]}
                 if name in CACHED:
                     config_spec["cache"] = str(workdir / f"cache_{label}_L{length}_B{args.batch}_{CACHED[name]}")
-                    memory[name] = run_child("cache", config_spec, workdir, args.timeout, args.threads)
+                    memory[name] = run_child("cache", config_spec, workdir, args.timeout)
                     _say(label, length, args.batch, name, "cache build", memory[name])
                     spec.setdefault("caches", {})[name] = config_spec["cache"]
                 if "error" not in memory[name]:
                     cache_bytes = memory[name].get("cache_bytes")
-                    memory[name] = run_child("memory", config_spec, workdir, args.timeout, args.threads)
+                    memory[name] = run_child("memory", config_spec, workdir, args.timeout)
                     if cache_bytes is not None:
                         memory[name]["cache_mib"] = round(cache_bytes / 2**20, 1)
                     _say(label, length, args.batch, name, "memory", memory[name])
@@ -260,7 +296,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             if FLOOR not in timed:
                 timing = {"error": f"the floor could not be built or run ({memory[FLOOR]['error']})"}
             else:
-                timing = run_child("time", {**spec, "configs": timed}, workdir, args.timeout, args.threads)
+                timing = run_child("time", {**spec, "configs": timed}, workdir, args.timeout)
                 _say(label, length, args.batch, "+".join(timed), "timing", timing)
             rows += _rows(label, teacher, length, args.batch, names, memory, timing)
     if args.long_memory is not None:
@@ -268,7 +304,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         spec = {**base, **write_packed_data(args.teacher, "6-block", length, batch, args.data_dir, workdir),
                 "label": "6-block", "teacher": args.teacher, "length": length, "batch": batch}
         for name in ("logits_kd", "attn_kl"):
-            result = run_child("memory", {**spec, "configs": [name]}, workdir, args.timeout, args.threads)
+            result = run_child("memory", {**spec, "configs": [name]}, workdir, args.timeout)
             _say("6-block", length, batch, name, "memory", result)
             extra_memory.append({"teacher": "6-block", "length": length, "batch": batch, "config": name,
                                  "losses": loss_entries(name, args.reference), **_memory_fields(result)})
@@ -528,13 +564,13 @@ def print_table(result: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    if args.child:
-        child_main(args)
-        return
     sst2 = Path(args.data_dir) / "SST-2" / "train.tsv"
     if not sst2.is_file():
         raise SystemExit(f"step_cost: {sst2} does not exist; pass --data-dir (a GLUE folder holding SST-2/train.tsv)")
+    if not hasattr(os, "fork"):
+        raise SystemExit("step_cost: the measuring processes are forked (os.fork), which this platform lacks")
     start = time.perf_counter()
+    preload(args.threads)
     with tempfile.TemporaryDirectory(prefix="step_cost_") as tmp:
         result = measure(args, Path(tmp))
     result["seconds"] = time.perf_counter() - start
@@ -549,18 +585,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # ------------------------------------------------------------------------------------------ measuring processes
-
-
-def child_main(args: argparse.Namespace) -> None:
-    spec = json.loads(Path(args.spec).read_text())
-    import torch
-
-    torch.set_num_threads(spec["threads"])
-    import logging
-
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    result = {"cache": build_cache, "memory": measure_memory, "time": time_configs}[args.child](spec)
-    Path(args.result).write_text(json.dumps(result))
 
 
 def teacher_for(path: str, length: int, workdir: Path) -> str:
