@@ -134,9 +134,9 @@ def compare(args, recipe: str, train: list[str], tag: str, steps: int, wall: dic
     off_total, _ = training_seconds(args.out / off_name)
     # Where the gap comes from: on-policy again with the off-policy step count (more time, as many updates).
     same_name = f"{tag}_on_policy_same_steps"
-    run_once(args, ["distill", recipe, *train, f"train.max_steps={off_steps}", f"data.on_policy.fraction={args.fraction}",
-                    f"data.on_policy.max_new_tokens={args.max_new_tokens}", "data.on_policy.temperature=1.0"],
-             same_name, wall, commands)
+    run_once(args, ["distill", recipe, *train, f"train.max_steps={off_steps}",
+                    f"data.on_policy.fraction={args.fraction}", f"data.on_policy.max_new_tokens={args.max_new_tokens}",
+                    "data.on_policy.temperature=1.0"], same_name, wall, commands)
     same_total, same_gen = training_seconds(args.out / same_name)
     out = {}
     for name, run_steps, seconds, gen in ((off_name, off_steps, off_total, 0.0), (on_name, steps, on_total, on_gen),
@@ -210,12 +210,11 @@ def main() -> None:
         warm = [*train, "student.init=pretrained", f"student.path={warm_from}"]
         results["warm"] = compare(args, recipe, warm, "warm", args.warm_steps, wall, commands)
     wall["total"] = sum(wall.values())  # reused runs count with the seconds they took
-    results["target"] = {
-        "metric": "teacher-scored KL(p_s || p_t) per sampled token on held-out prompts (lower is better)",
-        **{tag: {"on_policy": r["on_policy"]["teacher_scored"]["reverse_kl"],
-                 "off_policy": r["off_policy"]["teacher_scored"]["reverse_kl"],
-                 "met": r["on_policy"]["teacher_scored"]["reverse_kl"] < r["off_policy"]["teacher_scored"]["reverse_kl"]}
-           for tag, r in results.items()}}
+    target = {"metric": "teacher-scored KL(p_s || p_t) per sampled token on held-out prompts (lower is better)"}
+    for tag, r in results.items():
+        on, off = (r[k]["teacher_scored"]["reverse_kl"] for k in ("on_policy", "off_policy"))
+        target[tag] = {"on_policy": on, "off_policy": off, "met": on < off}
+    results["target"] = target
     results["settings"] = {
         "divergence": args.divergence, "fraction": args.fraction, "max_new_tokens": args.max_new_tokens,
         "teacher": str(teacher).replace(f"{REPO}/", ""), "teacher_steps": None if args.teacher else args.teacher_steps,

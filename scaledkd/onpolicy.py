@@ -331,7 +331,8 @@ def write_teacher_continuations(cfg, out: str | Path, *, max_new_tokens: int = 6
     if cfg.teacher is None:
         raise ValueError("scaledkd generate writes the teacher's continuations, but the recipe has no teacher")
     if cfg.data.task != "lm":
-        raise ValueError(f"scaledkd generate needs a causal-LM recipe (data.task='lm'), not data.task={cfg.data.task!r}")
+        raise ValueError("scaledkd generate needs a causal-LM recipe (data.task='lm'), not "
+                         f"data.task={cfg.data.task!r}")
     seed = cfg.train.seed if seed is None else seed
     if max_samples:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_train_samples=max_samples))

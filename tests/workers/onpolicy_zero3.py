@@ -52,8 +52,9 @@ def main(recipe: str, out: str) -> None:
             cont = greedy(plain, ids[s:e], cfg.max_new_tokens, eos)
             mismatches += mixed["input_ids"][r, :e - s + len(cont)].tolist() != ids[s:e] + cont
         terms = distill_step(run.engine, run.teacher, mixed)  # and the engine trains on after generating
-        report["gather" if gather else "sharded"] = {"rows": batch["input_ids"].shape[0], "mismatches": mismatches,
-                                                     "lm_kd": terms["lm_kd"], "first_row": batch["input_ids"][0].tolist()}
+        report["gather" if gather else "sharded"] = {
+            "rows": batch["input_ids"].shape[0], "mismatches": mismatches, "lm_kd": terms["lm_kd"],
+            "first_row": batch["input_ids"][0].tolist()}
     with open(f"{out}.rank{dist.rank()}.json", "w") as f:
         json.dump(report, f)
     dist.barrier()
