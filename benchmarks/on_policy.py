@@ -161,12 +161,12 @@ def main() -> None:
     p.add_argument("--corpus", default="tinystories_subset.txt")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "on_policy")
     p.add_argument("--teacher", type=Path, default=None, help="a trained demo teacher folder (skips steps 1-2)")
-    p.add_argument("--teacher-steps", type=int, default=150)
+    p.add_argument("--teacher-steps", type=int, default=120)
     p.add_argument("--divergence", default="forward_kl", help="lm_kd divergence of both students (a demo recipe)")
-    p.add_argument("--steps", type=int, default=100, help="on-policy student steps")
+    p.add_argument("--steps", type=int, default=60, help="on-policy student steps")
     p.add_argument("--fraction", type=float, default=0.5)
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--eval-prompts", type=int, default=96)
+    p.add_argument("--eval-prompts", type=int, default=64)
     p.add_argument("--eval-tokens", type=int, default=32)
     p.add_argument("--warm-steps", type=int, default=40,
                    help="also compare both when continuing from the cold off-policy student, this many on-policy "
