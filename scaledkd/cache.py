@@ -73,6 +73,14 @@ def tap_name(tap: Tap) -> str:
     return f"{tap.kind}.{tap.layer}"
 
 
+def _per_token(value, batch: int) -> torch.Tensor:
+    """A tap's capture as one ``[B, L, D]`` tensor: rotary ``(cos, sin)`` (each ``[B or 1, L, d]``, shared by the
+    rows when their positions are) side by side, one copy per row."""
+    if isinstance(value, tuple):
+        value = torch.cat(value, dim=-1)
+    return value.expand(batch, *value.shape[1:])
+
+
 def teacher_reads(plan) -> tuple[list[Tap], bool]:
     """What the recipe's losses read from the teacher: its taps (sorted) and whether any reads its logits."""
     taps: set[Tap] = set()
@@ -115,6 +123,13 @@ def check_cacheable(plan) -> None:
                           "inputs, drawn anew at every step, so its outputs cannot be computed ahead; drop "
                           "teacher.cache (or train.mixup)")
     taps, logits = teacher_reads(plan)
+    pair_maps = sorted({t.layer for t in taps if t.kind == "bias"})
+    if pair_maps:
+        # Per-token tensors are stored per row unpadded; a relative-position bias is [H, L, L] per row, which would
+        # make the cache grow with L^2 and costs the teacher only an embedding lookup to recompute.
+        raise ConfigError(f"teacher.cache does not store attention-score biases (teacher {plan.teacher_config.model_type}"
+                          f" adds a relative-position bias [B, H, L, L] at blocks {pair_maps}, read by this recipe's "
+                          "attention losses); run the attention losses with the live teacher (drop teacher.cache)")
     if not taps and not logits:
         raise ConfigError("teacher.cache: no loss of this recipe reads the teacher's logits or layers; there is "
                           "nothing to cache")
@@ -434,7 +449,8 @@ class CachedTeacher:
             # Only the real tokens travel to the device; the padding is filled there.
             full = torch.zeros(B, L, flat.shape[-1], dtype=flat.dtype, device=real.device)
             full[real] = flat.to(real.device)
-            getattr(captures, tap.kind)[tap.layer] = full.to(device)
+            full = full.to(device)
+            getattr(captures, tap.kind)[tap.layer] = tuple(full.chunk(2, dim=-1)) if tap.kind == "rope" else full
         logits = self.cache.logits(where).to(device) if self.cache.has_logits else None
         if self.cache.top_k:
             logits = self._topk_logits(where, real, n_real)
@@ -604,7 +620,7 @@ def build_cache(cfg: Config, *, batch_size: int | None = None, overwrite: bool =
             tap_manager.check_complete(captures)
             mask = batch.get("attention_mask")
             real = mask.bool() if mask is not None else torch.ones_like(batch["input_ids"], dtype=torch.bool)
-            tokens = {tap_name(t): captures.get(t)[real] for t in taps}
+            tokens = {tap_name(t): _per_token(captures.get(t), real.shape[0])[real] for t in taps}
             if top_k:
                 vocab = out.logits.shape[-1]
                 values, ids = out.logits[real].topk(top_k, dim=-1)  # [T, k]
