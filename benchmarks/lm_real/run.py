@@ -86,11 +86,12 @@ def main() -> None:
                    help="torch threads per process (1: the cores are shared with other jobs)")
     p.add_argument("--reuse", action="store_true", help="keep finished runs (their metrics.json)")
     p.add_argument("--report-only", action="store_true", help="rewrite lm_real.md from lm_real.json and stop")
+    p.add_argument("--name", default="lm_real", help="results file stem in benchmarks/results/")
     p.add_argument("--stop-after-min", type=float, default=0.0,
                    help="start no further run after this many minutes (0: run them all)")
     args = p.parse_args()
     if args.report_only:
-        (RESULTS / "lm_real.md").write_text(report(json.loads((RESULTS / "lm_real.json").read_text())))
+        (RESULTS / f"{args.name}.md").write_text(report(json.loads((RESULTS / f"{args.name}.json").read_text())))
         return
     import torch
 
@@ -104,8 +105,8 @@ def main() -> None:
     commands, wall, failed = [], {}, {}
     results: dict = {"models": {}}
     previous = {}  # --reuse: a reused run's scores from the last report, when it was made with these settings
-    if args.reuse and (RESULTS / "lm_real.json").is_file():
-        last = json.loads((RESULTS / "lm_real.json").read_text())
+    if args.reuse and (RESULTS / f"{args.name}.json").is_file():
+        last = json.loads((RESULTS / f"{args.name}.json").read_text())
         same = {k: last["settings"].get(k) for k in ("steps", "batch_size", "max_length", "lr", "eval_docs", "ood")}
         if same == {"steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
                     "lr": args.lr, "eval_docs": args.eval_docs, "ood": args.ood}:
@@ -162,7 +163,7 @@ def main() -> None:
     skipped = [n for n in args.runs if n not in results["models"] and n not in failed]
     failed.update({n: f"not started: past --stop-after-min {args.stop_after_min}" for n in skipped})
     _write(results, args, commands, wall, failed)
-    print((RESULTS / "lm_real.md").read_text())
+    print((RESULTS / f"{args.name}.md").read_text())
 
 
 def score_ood(results: dict, name: str, model: str, args: argparse.Namespace, commands: list[str],
@@ -204,8 +205,8 @@ def _write(results: dict, args: argparse.Namespace, commands: list[str], wall: d
     results["commands"] = [c.replace(f"{REPO}/", "") for c in commands]
     results["wall_s"] = {k: round(v, 1) for k, v in wall.items()}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "lm_real.json").write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / "lm_real.md").write_text(report(results))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(report(results))
 
 
 def report(r: dict) -> str:
