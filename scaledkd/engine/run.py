@@ -38,7 +38,7 @@ from . import accel, dist, rundir
 from .batches import ShardedBatches, StreamBatches
 from .module import DistillModule, TeacherRunner
 from .signals import StopRequests
-from .step import PhaseTimer, distill_step
+from .step import PhaseTimer, distill_step, step_flops_per_token
 
 log = logging.getLogger("scaledkd")
 
@@ -214,6 +214,8 @@ def _setup(plan: RunPlan, run_dir: Path, replaced: Path | None) -> Run:
     run = Run(plan=plan, run_dir=run_dir, replaced=replaced, tokenizer=tokenizer, train_set=train_set,
               dev_set=dev_set, collate=collate, engine=engine, teacher=teacher, teacher_model=teacher_engine,
               batches=batches, total_steps=total_steps, mixup=mixup)
+    run.timer.flops_per_token = step_flops_per_token(
+        models.count_parameters(student), models.count_parameters(teacher_engine) if teacher_engine is not None else 0)
     if cfg.data.on_policy is not None:
         run.on_policy = OnPolicy(cfg.data.on_policy, engine, tokenizer, cfg.data.max_length, cfg.train.seed)
     if dist.is_main():

@@ -14,14 +14,39 @@ from .module import TeacherRunner
 
 PHASES = ("teacher", "student", "backward", "optimizer")
 
+# Dense bf16 tensor-core peak of one device in TFLOP/s, by CUDA compute capability: (9, 0) = H100/H200 SXM (989),
+# (8, 0) = A100 (312). Only MFU reads it; on a device not listed MFU is not reported rather than guessed.
+PEAK_BF16_TFLOPS = {(9, 0): 989.0, (8, 0): 312.0}
+
+
+def step_flops_per_token(student_params: int, teacher_params: int) -> float:
+    """Model FLOPs one distillation step spends per token: ``6 N_s`` for the student's forward and backward plus
+    ``2 N_t`` for the teacher's forward (the usual MFU count, Kaplan et al. 2020: matmul FLOPs of the weights,
+    attention's ``L``-dependent FLOPs left out). ``teacher_params`` is 0 when no teacher runs (a teacher cache)."""
+    return 6.0 * student_params + 2.0 * teacher_params
+
+
+def device_peak_flops() -> float | None:
+    """This process's CUDA device's dense bf16 peak in FLOP/s, or None (no CUDA, or a device not in the table)."""
+    if not torch.cuda.is_available():
+        return None
+    tflops = PEAK_BF16_TFLOPS.get(torch.cuda.get_device_capability())
+    return None if tflops is None else tflops * 1e12
+
 
 class PhaseTimer:
     """Wall milliseconds of each part of a step: ``teacher`` (forward), ``student`` (forward with every loss, and
     the cross-rank agreement on their values), ``backward``, ``optimizer`` (the boundary step, or the accumulation
     bookkeeping between boundaries), summed per logging window (:meth:`take`) and over the run (``run_*``). On
-    CUDA each boundary synchronises, so the numbers are the device's; on a CPU they are exact as they are."""
+    CUDA each boundary synchronises, so the numbers are the device's; on a CPU they are exact as they are.
 
-    def __init__(self) -> None:
+    On CUDA each window also reports this rank's peak allocated memory (``peak_mem_gib``, then reset) and, when
+    ``flops_per_token`` is set (:func:`step_flops_per_token`) and the device's peak is known, its model FLOPs
+    utilisation (``mfu``: this rank's tokens x FLOPs per token / window seconds / the device's bf16 peak)."""
+
+    def __init__(self, flops_per_token: float | None = None) -> None:
+        self.flops_per_token = flops_per_token
+        self._peak_flops = device_peak_flops()
         self.sums = dict.fromkeys(PHASES, 0.0)
         self.tokens = 0
         self.run_sums = dict.fromkeys(PHASES, 0.0)
@@ -49,6 +74,11 @@ class PhaseTimer:
         the tokens counted, added to the run's totals, then reset."""
         out = {f"ms_{phase}": total / max(1, steps) for phase, total in self.sums.items()}
         out["tokens"] = self.tokens
+        if self._cuda:
+            out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
+        if self.flops_per_token and self._peak_flops:
+            out["mfu"] = mfu(self.flops_per_token, self.tokens, seconds, self._peak_flops)
         for phase, total in self.sums.items():
             self.run_sums[phase] += total
         self.run_steps += steps
@@ -61,6 +91,11 @@ class PhaseTimer:
     def run_step_ms(self) -> dict[str, float]:
         """Per-optimiser-step milliseconds of each phase over every window taken so far."""
         return {phase: total / max(1, self.run_steps) for phase, total in self.run_sums.items()}
+
+
+def mfu(flops_per_token: float, tokens: int, seconds: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation of one rank: achieved model FLOP/s over the device's peak FLOP/s."""
+    return flops_per_token * tokens / max(seconds, 1e-9) / peak_flops
 
 
 def distill_step(engine, teacher: TeacherRunner | None, batch: dict[str, torch.Tensor],
