@@ -105,6 +105,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES),
                    help="loss families to measure besides the floor (default: all; 'cache' adds the cached "
                         "logits-KD and full-ILD rows and their live rows)")
+    p.add_argument("--lengths12", type=int, nargs="+",
+                   help="tokens per row for the 12-block teacher's rows (default: --lengths)")
+    p.add_argument("--workdir", default=None,
+                   help="keep the measuring processes' folder here instead of a temporary one; a measurement whose "
+                        "result file is already there is reused, so an interrupted run continues where it stopped")
     p.add_argument("--threads", type=int, default=2, help="torch threads in every measuring process (default 2)")
     p.add_argument("--memory-steps", type=int, help="steps in each memory process (default 2; --quick 1)")
     p.add_argument("--long-memory", default=None,
@@ -189,6 +194,9 @@ def run_child(kind: str, spec: dict[str, Any], workdir: Path, timeout: int) -> d
     output goes to a log in ``workdir``. Returns its result, or ``{"error": why}`` (killed, failed, timed out)."""
     tag = f"{kind}_{spec['label']}_L{spec['length']}_B{spec['batch']}_{'+'.join(spec['configs'])}"
     result_path, log_path = workdir / f"{tag}.result.json", workdir / f"{tag}.log"
+    if result_path.is_file():  # --workdir: measured by an earlier, interrupted invocation
+        print(f"reusing {result_path}", flush=True)
+        return json.loads(result_path.read_text())
     sys.stdout.flush()
     sys.stderr.flush()
     start = time.perf_counter()
@@ -275,7 +283,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "workdir": str(workdir), "reference": args.reference}
     distinct = min(2, args.warmup + args.steps)  # batches a process cycles through (all configurations alike)
     for label, teacher, names in teachers:
-        for length in args.lengths:
+        for length in (args.lengths12 or args.lengths) if label == "12-block" else args.lengths:
             spec = {**base, **write_packed_data(teacher, label, length, args.batch * distinct, args.data_dir, workdir),
                     "label": label, "teacher": teacher, "length": length, "batch": args.batch}
             memory = {}
@@ -473,7 +481,7 @@ def provenance(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "threads": args.threads,
-        "settings": {"lengths": args.lengths, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
+        "settings": {"lengths": args.lengths, "lengths12": args.lengths12 or args.lengths, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
                      "memory_steps": args.memory_steps, "families": args.families, "teacher": args.teacher,
                      "teacher12": args.teacher12, "data_dir": args.data_dir, "quick": args.quick,
                      "reference": args.reference,
@@ -572,8 +580,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("step_cost: the measuring processes are forked (os.fork), which this platform lacks")
     start = time.perf_counter()
     preload(args.threads)
-    with tempfile.TemporaryDirectory(prefix="step_cost_") as tmp:
-        result = measure(args, Path(tmp))
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
+        result = measure(args, Path(args.workdir))
+    else:
+        with tempfile.TemporaryDirectory(prefix="step_cost_") as tmp:
+            result = measure(args, Path(tmp))
     result["seconds"] = time.perf_counter() - start
     result["provenance"] = provenance(args, argv)
     result["targets"] = targets(result)
