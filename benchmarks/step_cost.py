@@ -195,8 +195,7 @@ def run_child(kind: str, spec: dict[str, Any], workdir: Path, timeout: int) -> d
     tag = f"{kind}_{spec['label']}_L{spec['length']}_B{spec['batch']}_{'+'.join(spec['configs'])}"
     result_path, log_path = workdir / f"{tag}.result.json", workdir / f"{tag}.log"
     if result_path.is_file():  # --workdir: measured by an earlier, interrupted invocation
-        print(f"reusing {result_path}", flush=True)
-        return json.loads(result_path.read_text())
+        return {**json.loads(result_path.read_text()), "process_seconds": "reused, 0"}
     sys.stdout.flush()
     sys.stderr.flush()
     start = time.perf_counter()
