@@ -43,7 +43,7 @@ import torch
 
 from . import data, models
 from .config import Config, ConfigError
-from .files import write_json
+from .files import sha256_file, write_json
 from .inputs import EXAMPLE_IDS, MODEL_INPUTS, model_inputs
 from .losses import ModelOutputs
 from .taps import Captures, Tap, TapManager
@@ -135,14 +135,6 @@ def check_cacheable(plan) -> None:
                           "nothing to cache")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def model_folder(path: str) -> Path:
     """The local folder (or single weight file, e.g. a GGUF file) of a model: ``package:``, a folder, a file, or a
     hub id already in the local hub cache."""
@@ -204,7 +196,7 @@ def cache_key(plan) -> dict[str, dict[str, Any]]:
     cfg = plan.cfg
     folder = model_folder(plan.teacher_path)
     files = [folder] if folder.is_file() else sorted(folder.iterdir())
-    weights = {p.name: _sha256(p) for p in files
+    weights = {p.name: sha256_file(p) for p in files
                if p.is_file() and (p.name.endswith(WEIGHT_SUFFIXES) or p.name.endswith(".index.json"))}
     if not weights:
         raise ValueError(f"teacher.cache: no weight files ({', '.join(WEIGHT_SUFFIXES)}) in {str(folder)!r} to hash")
@@ -213,10 +205,10 @@ def cache_key(plan) -> dict[str, dict[str, Any]]:
     config = folder / "config.json"
     tokenizer_folder = model_folder(plan.tokenizer_source)
     tokenizer_folder = tokenizer_folder.parent if tokenizer_folder.is_file() else tokenizer_folder
-    tokenizer = {name: _sha256(tokenizer_folder / name) for name in TOKENIZER_FILES
+    tokenizer = {name: sha256_file(tokenizer_folder / name) for name in TOKENIZER_FILES
                  if (tokenizer_folder / name).is_file()}
     d = cfg.data
-    teacher_config = {"config.json": _sha256(config) if config.is_file() else None, "task": plan.task,
+    teacher_config = {"config.json": sha256_file(config) if config.is_file() else None, "task": plan.task,
                       "num_labels": plan.spec.num_labels, "train.precision": cfg.train.precision}
     if fresh:
         teacher_config |= {"initialised from train.seed": fresh, "train.seed": cfg.train.seed}

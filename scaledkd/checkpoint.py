@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .engine import dist
-from .files import write_text_atomic
+from .files import sha256_file, write_text_atomic
 
 log = logging.getLogger("scaledkd")
 
@@ -166,14 +166,6 @@ def _hash_and_sync(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
@@ -250,7 +242,7 @@ def problem(folder: Path, checksums: bool = True) -> str | None:
             return f"{name} is {size} bytes, the manifest says {entry.get('size')}"
     if checksums:
         for name, entry in files.items():
-            if _sha256(folder / name) != entry.get("sha256"):
+            if sha256_file(folder / name) != entry.get("sha256"):
                 return f"{name} does not match its sha256 in {MANIFEST}"
     return None
 

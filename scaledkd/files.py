@@ -5,6 +5,7 @@ study deciding whether a cell finished) sees either the old file or the whole ne
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -38,3 +39,12 @@ def is_run_folder(path: Path) -> bool:
     if not (path / "config.yaml").is_file():
         return False
     return any((path / m).exists() for m in RUN_MARKERS) or any(path.glob("stage_*"))
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 4 MiB blocks (weight files may be far larger than memory allows)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

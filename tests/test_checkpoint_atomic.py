@@ -18,6 +18,7 @@ import torch
 
 from scaledkd import checkpoint
 from scaledkd.config import config_from_dict
+from scaledkd.files import sha256_file
 from tests.tiny import REPO, make_sst2, make_tiny_bert, small_engine, tiny_recipe
 
 LOSSES = [{"name": "task", "weight": 0.5}, {"name": "logit_kd", "weight": 0.5}]
@@ -90,7 +91,7 @@ def test_every_checkpoint_has_a_manifest_of_all_its_files(full_run):
         assert "rng_rank0.pt" in on_disk and "mp_rank_00_model_states.pt" in on_disk
         for name, entry in manifest["files"].items():
             assert entry["size"] == (folder / name).stat().st_size
-            assert entry["sha256"] == checkpoint._sha256(folder / name)
+            assert entry["sha256"] == sha256_file(folder / name)
 
 
 def test_rng_files_load_with_weights_only(full_run):
