@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shlex
 import statistics
 import subprocess
@@ -26,14 +25,10 @@ import sys
 import time
 from pathlib import Path
 
+from peak_rss import maxrss_mib  # benchmarks/ is on sys.path: these run as scripts
+
 REPO = Path(__file__).resolve().parents[1]
 PATHS = ("reference", "blocked")
-
-
-def _maxrss_mib() -> float:
-    # Linux reports ru_maxrss in KiB (macOS in bytes).
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -66,7 +61,7 @@ def worker(args: argparse.Namespace) -> None:
     loss(outputs(384, True, 2, 16), outputs(768, False, 2, 16), mask(2, 16)).backward()
     s, t = outputs(384, True, args.batch, args.seq_len), outputs(768, False, args.batch, args.seq_len)
     batch = mask(args.batch, args.seq_len)
-    baseline = _maxrss_mib()
+    baseline = maxrss_mib()
     walls, cpus = [], []
     for _ in range(args.reps):
         for x in s.captures.q[1], s.captures.k[1]:
@@ -77,7 +72,7 @@ def worker(args: argparse.Namespace) -> None:
         walls.append(time.perf_counter() - wall)
         cpus.append(time.process_time() - cpu)
     print(json.dumps({
-        "peak_mib": round(_maxrss_mib() - baseline, 1), "seconds": round(statistics.median(walls), 4),
+        "peak_mib": round(maxrss_mib() - baseline, 1), "seconds": round(statistics.median(walls), 4),
         "cpu_seconds": round(statistics.median(cpus), 4), "loss": value.item(),
     }))
 

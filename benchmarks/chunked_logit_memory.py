@@ -31,22 +31,17 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from peak_rss import maxrss_mib  # benchmarks/ is on sys.path: these run as scripts
+
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = ("bfloat16", "float16", "float32")
 MODES = ("unchunked", "chunked", "head")
-
-
-def _maxrss_mib() -> float:
-    # Linux reports ru_maxrss in KiB (macOS in bytes).
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -69,14 +64,14 @@ def worker(args: argparse.Namespace) -> None:
     # Warm the allocator and op dispatch on a tiny problem so one-off costs do not count as peak memory.
     tiny = torch.randn(1, 2, 8, dtype=dtype, requires_grad=True)
     token_divergence(tiny, tiny.detach(), torch.ones(1, 2, dtype=torch.bool), args.kind, chunk_size=1).backward()
-    baseline = _maxrss_mib()
+    baseline = maxrss_mib()
 
     chunk_size = None if args.mode == "unchunked" else args.chunk_size
     start = time.perf_counter()
     loss = token_divergence(student, teacher, mask, args.kind, chunk_size=chunk_size)
     loss.backward()
     seconds = time.perf_counter() - start
-    peak = _maxrss_mib() - baseline
+    peak = maxrss_mib() - baseline
     print(json.dumps({"peak_mib": round(peak, 1), "seconds": round(seconds, 2), "loss": loss.item()}))
 
 
@@ -107,12 +102,12 @@ def head_worker(args: argparse.Namespace, dtype) -> None:
     # Warm up on a tiny slice (one-off allocator and dispatch costs are not the loss's peak).
     loss_of(h_s[:, :2], h_t[:, :2], mask[:, :2], args.mode, 1).backward()
     s_head.weight.grad, h_s.grad = None, None
-    baseline = _maxrss_mib()
+    baseline = maxrss_mib()
     start = time.perf_counter()
     loss = loss_of(h_s, h_t, mask, args.mode, args.chunk_size)
     loss.backward()
     seconds = time.perf_counter() - start
-    peak = _maxrss_mib() - baseline
+    peak = maxrss_mib() - baseline
     print(json.dumps({"peak_mib": round(peak, 1), "seconds": round(seconds, 2), "loss": loss.item()}))
 
 
