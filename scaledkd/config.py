@@ -461,6 +461,9 @@ class TrainConfig:
             and ``deepspeed`` otherwise. Both give the loop the same DeepSpeed engines.
         export: which student is exported: the ``final`` one or the ``best`` dev evaluation's.
         progress: show a progress bar (rank 0).
+        log_grad_norms: on logged steps, also log the L2 norm of each weighted loss term's gradient with respect
+            to the student's parameters (``grad_norm/<term>`` in ``log.jsonl``; one extra forward, and a backward per term, on
+            those steps; not under ZeRO-3). A diagnostic: off by default.
         mixup: CR-ILD's embedding mixup (docs/methods.md#mixup): teacher and student both see ``l*e + (1-l)*e[rev]``
             of their embedding outputs (same ``l ~ Beta(a, a)``, ``l = max(l, 1-l)``, reversed batch as partner,
             union attention mask). Label-free losses only.
@@ -480,6 +483,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     tf32: bool = False
     log_every: int = 10
+    log_grad_norms: bool = False
     eval_every: int = 0
     save_every: int = 500
     save_every_min: float = 30.0

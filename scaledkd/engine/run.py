@@ -353,6 +353,7 @@ def _loop(run: Run, state: dict[str, Any], logfile: _Log, bar, stops: StopReques
     cfg, engine = run.cfg, run.engine
     total_steps, batches = run.total_steps, run.batches
     window: dict[str, float] = {}
+    counts: dict[str, int] = {}  # micro-batches behind each window sum (grad_norm/* exist on logged steps only)
     window_n = 0
     tic = time.perf_counter()
     samples_per_step = cfg.train.batch_size * cfg.train.grad_accum * dist.world_size()
@@ -369,10 +370,12 @@ def _loop(run: Run, state: dict[str, Any], logfile: _Log, bar, stops: StopReques
                 batch = mixup.prepare(batch, state["micro"], step, epoch / num_epochs)
             if run.on_policy is not None:
                 batch = run.on_policy(batch, state["micro"])  # student continuations replace some rows
-            terms = distill_step(engine, run.teacher, batch, timer)
+            logged = (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps  # this micro-batch's step
+            terms = distill_step(engine, run.teacher, batch, timer, grad_norms=cfg.train.log_grad_norms and logged)
             state["micro"] += 1
             for k, v in terms.items():
                 window[k] = window.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + 1
             window_n += 1
             if state["micro"] % cfg.train.grad_accum:
                 continue  # inside an accumulation window: DeepSpeed has not stepped yet
@@ -381,7 +384,7 @@ def _loop(run: Run, state: dict[str, Any], logfile: _Log, bar, stops: StopReques
                 elapsed = time.perf_counter() - tic
                 steps_in_window = max(1, window_n // cfg.train.grad_accum)
                 phases = timer.take(steps_in_window, elapsed)
-                record = {"step": step, **{k: v / window_n for k, v in window.items()},
+                record = {"step": step, **{k: v / counts[k] for k, v in window.items()},
                           "lr": engine.get_lr()[0], "samples_per_s": samples_per_step * steps_in_window / elapsed,
                           "tokens_per_s": phases.pop("tokens") * dist.world_size() / elapsed, **phases}
                 if run.on_policy is not None:
@@ -389,7 +392,7 @@ def _loop(run: Run, state: dict[str, Any], logfile: _Log, bar, stops: StopReques
                 logfile.write(record)
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_s'] or 0:.1f}")
-                window, window_n, tic = {}, 0, time.perf_counter()
+                window, counts, window_n, tic = {}, {}, 0, time.perf_counter()
             if bar is not None:
                 bar.update(1)
             is_eval = cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps

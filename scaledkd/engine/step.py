@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from ..config import ConfigError
 from ..errors import NonFiniteLoss
 from . import dist
 from .module import TeacherRunner
@@ -98,13 +99,52 @@ def mfu(flops_per_token: float, tokens: int, seconds: float, peak_flops: float) 
     return flops_per_token * tokens / max(seconds, 1e-9) / peak_flops
 
 
+GRAD_NORM = "grad_norm/"  # prefix of the per-term gradient norms in a step's results (train.log_grad_norms)
+
+
+def term_grad_norms(terms: dict[str, torch.Tensor], weights: dict[str, float],
+                    params: list[torch.nn.Parameter]) -> dict[str, float]:
+    """L2 norm of the gradient of each weighted term, ``|| d(w_i * L_i) / d params ||``, and of their sum
+    (``loss``), over ``params`` taken together (every parameter's gradient flattened into one vector).
+
+    Comparing them shows which term drives the update: a term whose weighted gradient is 10x another's dominates
+    the step whatever the terms' values are, and a total norm well below the sum of the terms' norms means the
+    terms pull in opposite directions. Each term's graph is walked once (the blocked attention losses allow no
+    second backward), the total's gradient is the sum of the terms'. Nothing is accumulated into ``.grad``, and
+    the graph is freed after the last term. A term with no path to ``params`` has norm 0.
+
+    Args:
+        terms: unweighted scalar terms by name; ``weights`` their weights.
+        params: the student parameters that train.
+    """
+    out = {}
+    summed: list[torch.Tensor | None] = [None] * len(params)
+    names = [n for n, v in terms.items() if v.requires_grad]
+    for name in terms:
+        if name not in names:
+            out[GRAD_NORM + name] = 0.0
+            continue
+        grads = torch.autograd.grad(weights[name] * terms[name], params, retain_graph=name != names[-1],
+                                    allow_unused=True)
+        squares = [g.detach().float().pow(2).sum() for g in grads if g is not None]
+        out[GRAD_NORM + name] = float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+        summed = [a if g is None else (g.detach() if a is None else a + g.detach()) for a, g in zip(summed, grads)]
+    squares = [g.float().pow(2).sum() for g in summed if g is not None]
+    out[GRAD_NORM + "loss"] = float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+    return out
+
+
 def distill_step(engine, teacher: TeacherRunner | None, batch: dict[str, torch.Tensor],
-                 timer: PhaseTimer | None = None) -> dict[str, float]:
+                 timer: PhaseTimer | None = None, grad_norms: bool = False) -> dict[str, float]:
     """One micro-batch: teacher forward, student forward + losses, backward, (boundary) optimiser step.
 
     Loss terms are averaged across ranks before anything else so every rank agrees on a non-finite value and
     stops together, before the bad gradient reaches the weights. Returns ``{"loss": total, term: value}``; with a
     ``timer``, each part's wall time and the batch's tokens (real tokens, ``[B, L]`` mask sum) are added to it.
+    With ``grad_norms`` (``train.log_grad_norms``, on logged steps only) it also holds ``grad_norm/<term>`` and
+    ``grad_norm/loss`` (:func:`term_grad_norms` of this micro-batch w.r.t. the student's trainable parameters,
+    averaged across ranks; not the clipped, rank-averaged update). Their extra forward and backwards count as
+    ``student`` time in the step-time split.
     """
     if timer is not None:
         timer.start()
@@ -113,9 +153,11 @@ def distill_step(engine, teacher: TeacherRunner | None, batch: dict[str, torch.T
     t_out = teacher(batch) if teacher is not None else None
     if timer is not None:
         timer.mark("teacher")
+    norms = _grad_norms(engine, batch, t_out) if grad_norms else {}
     total, terms = engine(batch, t_out)
-    names = ["loss", *terms]
-    values = dist.mean_across_ranks(torch.stack([total.detach().float(), *(v.detach().float() for v in terms.values())]))
+    names = ["loss", *terms, *norms]
+    values = dist.mean_across_ranks(torch.stack([total.detach().float(), *(v.detach().float() for v in terms.values()),
+                                                 *(torch.tensor(v, device=total.device) for v in norms.values())]))
     if not torch.isfinite(values).all():
         bad = [f"{n}={v}" for n, v in zip(names, values.tolist()) if not math.isfinite(v)]
         raise NonFiniteLoss(
@@ -131,3 +173,22 @@ def distill_step(engine, teacher: TeacherRunner | None, batch: dict[str, torch.T
     if timer is not None:
         timer.mark("optimizer")
     return dict(zip(names, values.tolist()))
+
+
+def _grad_norms(engine, batch: dict[str, torch.Tensor], t_out) -> dict[str, float]:
+    """:func:`term_grad_norms` for the engine's :class:`~scaledkd.engine.module.DistillModule`: its loss weights and
+    its student's trainable parameters (projections and filters inside the losses are left out).
+
+    The module runs a forward of its own, outside the DeepSpeed engine: the engine hooks the outputs of its forward
+    so that any backward through them is its managed backward (refused outside ``engine.backward`` under ZeRO-0,
+    divided by the accumulation steps otherwise). One extra student forward on logged steps is the price; with
+    dropout on it draws its own masks."""
+    module = getattr(engine, "module", engine)
+    params = [p for p in module.student.parameters() if p.requires_grad]
+    if not params:  # a frozen student (TED's stage I): nothing of the student's to measure
+        return {}
+    if any(hasattr(p, "ds_id") for p in params):
+        raise ConfigError("train.log_grad_norms=true needs whole student parameters on every rank; under ZeRO-3 "
+                          "they are partitioned. Use a ZeRO 0-2 student.ds_config for the diagnostic run")
+    _, terms = module(batch, t_out)
+    return term_grad_norms(terms, module.weights, params)
