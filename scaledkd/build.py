@@ -38,6 +38,8 @@ from .config import (
     stage_refs,
 )
 from .ds_config import read_ds_config, student_ds_config, teacher_ds_config, zero_stage
+from .engine.budget import Budget, plan_budget
+from .engine.early_stopping import check_early_stopping
 from .files import FINISHED_MARKER, is_run_folder
 from .losses import LOSSES, DistillLoss, LossSetup, build_loss
 from .models import TaskKind
@@ -133,6 +135,14 @@ class RunPlan:
         return len(self.examples.get("dev", ()))
 
     @property
+    def budget(self) -> Budget | None:
+        """The run's optimiser steps (:func:`~scaledkd.engine.budget.plan_budget`); None while they depend on rows
+        not made yet (a causal LM's packed documents without ``train.max_steps``, or data not read)."""
+        if self.task == "causal_lm" or not self.examples:
+            return plan_budget(self.cfg.train, None, self.world_size) if self.cfg.train.max_steps else None
+        return plan_budget(self.cfg.train, self.train_examples, self.world_size)
+
+    @property
     def tokenizer_source(self) -> str:
         """The run tokenises with the teacher's tokenizer (the student's, when it has its own, was checked equal)."""
         return self.teacher_path or self.student_source
@@ -162,6 +172,7 @@ class RunPlan:
             "zero_stage": {"student": zero_stage(self.ds_student),
                            "teacher": zero_stage(self.ds_teacher) if self.ds_teacher is not None else None},
             "world_size": self.world_size,
+            "budget": budget.as_dict() if (budget := self.budget) is not None else None,
         }
 
 
@@ -244,6 +255,7 @@ def resolve(cfg: Config, *, world_size: int | None = None, check_output: bool = 
     losses = loss_plans(cfg, s_config, t_config, task)
     check_losses(cfg, losses, ds_student)
     check_on_policy(cfg, losses, s_config)
+    check_early_stopping(cfg, spec, task)
 
     examples = {}
     if load_data:
@@ -258,6 +270,7 @@ def resolve(cfg: Config, *, world_size: int | None = None, check_output: bool = 
                    student_source=source, student_layers=layers, teacher_config=t_config, student_config=s_config,
                    ds_teacher=ds_teacher, ds_student=ds_student, losses=losses, examples=examples,
                    resume_from=resume_from)
+    _ = plan.budget  # too few rows left to train on after an early-stopping holdout fails here, not after loading
     if cfg.teacher is not None and cfg.teacher.cache and load_data:
         from .cache import check_cache
 

@@ -424,6 +424,43 @@ class LossConfig:
                 )
 
 
+# What early stopping may watch besides a task's own dev metrics (data.TaskSpec.metrics): their mean, and the
+# holdout's task loss (lower is better).
+EARLY_STOPPING_EXTRA_METRICS = ("score", "loss")
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Early stopping on a held-out slice of the *training* data (never the dev set; docs/configuration.md#budget).
+
+    Attributes:
+        holdout: the share of the training rows held out, in (0, 0.5]: drawn once from ``train.seed`` (the same rows
+            on every rank and on resume) and never trained on.
+        patience: evaluations in a row (one every ``train.eval_every`` steps) without a better holdout score before
+            training stops; never before ``train.min_steps``.
+        metric: what is compared: ``score`` (the task's score, as the dev evaluation reports it), one of the task's
+            metrics (``accuracy``, ``f1``, ``matthews_correlation``, ``pearson``, ``spearmanr``) or ``loss`` (the
+            task loss against the gold labels; lower is better).
+    """
+
+    holdout: float = 0.1
+    patience: int = 3
+    metric: str = "score"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float)) \
+                or not 0.0 < self.holdout <= 0.5:
+            raise ConfigError(f"train.early_stopping.holdout={self.holdout!r} must be a share of the training rows in "
+                              "(0, 0.5], e.g. 0.1")
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:
+            raise ConfigError(f"train.early_stopping.patience={self.patience!r} must be an integer >= 1 (evaluations "
+                              "without improvement before stopping)")
+        if not isinstance(self.metric, str) or not self.metric:
+            raise ConfigError(f"train.early_stopping.metric={self.metric!r} must name a metric: score, loss or one "
+                              "of the task's metrics")
+        # Whether the task has it is checked with the task (scaledkd.engine.early_stopping.check_early_stopping).
+
+
 @dataclass
 class TrainConfig:
     """The optimisation loop.
@@ -431,8 +468,13 @@ class TrainConfig:
     Attributes:
         batch_size: micro-batch per rank.
         grad_accum: micro-batches per optimiser step.
-        max_steps: optimiser steps; overrides ``epochs`` when set.
+        max_steps: optimiser steps; overrides ``epochs`` and ``min_steps`` when set.
         epochs: passes over the training set when ``max_steps`` is unset.
+        min_steps: a floor on the optimiser steps: when ``epochs`` gives fewer on this training set, the run
+            trains ``min_steps`` steps (more epochs) instead, so a recipe sized for a large task still updates a
+            student enough on a small one (docs/configuration.md#budget). None: no floor.
+        early_stopping: stop when a held-out slice of the training rows stops improving
+            (:class:`EarlyStoppingConfig`); None: train the whole budget.
         precision: ``fp32``, ``bf16`` or ``fp16`` (student engine and teacher weights).
         tf32: on CUDA, let fp32 matrix products and convolutions use TF32 tensor cores (a 10-bit mantissa on
             their inputs, fp32 accumulation; several times faster on Ampere and later). Ignored without a GPU, so a
@@ -474,6 +516,8 @@ class TrainConfig:
     grad_accum: int = 1
     max_steps: int | None = None
     epochs: float = 3.0
+    min_steps: int | None = None
+    early_stopping: EarlyStoppingConfig | None = None
     lr: float = 5e-5
     projection_lr: float | None = None
     weight_decay: float = 0.01
@@ -502,9 +546,14 @@ class TrainConfig:
         check_choices(self, "train")
         for i, name in enumerate(self.report_to):
             _choices(f"train.report_to[{i}]", name, get_args(Tracker))
-        for name in ("batch_size", "grad_accum", "max_steps", "epochs", "lr", "log_every", "dist_timeout_s",
-                     "mixup_alpha"):
+        for name in ("batch_size", "grad_accum", "max_steps", "min_steps", "epochs", "lr", "log_every",
+                     "dist_timeout_s", "mixup_alpha"):
             _positive(f"train.{name}", getattr(self, name))
+        if isinstance(self.early_stopping, dict):  # built in code rather than from YAML
+            self.early_stopping = from_dict(EarlyStoppingConfig, self.early_stopping, "train.early_stopping")
+        if self.early_stopping is not None and not self.eval_every:
+            raise ConfigError("train.early_stopping evaluates the holdout every train.eval_every steps, but "
+                              "train.eval_every=0; set train.eval_every (e.g. once per epoch)")
         for name in ("weight_decay", "grad_clip", "eval_every", "save_every", "save_every_min", "keep_checkpoints"):
             _positive(f"train.{name}", getattr(self, name), allow_zero=True)
         if not 0.0 <= self.warmup_ratio < 1.0:

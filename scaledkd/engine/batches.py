@@ -15,6 +15,7 @@ import torch
 from ..config import ConfigError
 from ..inputs import EXAMPLE_IDS, Batch, to_device
 from . import dist
+from .budget import micro_batches_per_epoch
 
 
 class ShardedBatches:
@@ -23,19 +24,20 @@ class ShardedBatches:
     Every rank gets the same number of micro-batches (the remainder of an epoch is dropped) so collectives
     stay in step; resuming skips the micro-batches already consumed. Each batch carries its rows' indices in
     the dataset (``example_ids [B]``), by which a teacher cache finds their stored outputs.
+
+    ``rows``: the dataset indices to train on (the rest held out for early stopping,
+    :func:`~scaledkd.engine.budget.holdout_split`); None trains on every row.
     """
 
-    def __init__(self, dataset, batch_size: int, seed: int, collate: Callable[[list[dict[str, Any]]], Batch]) -> None:
+    def __init__(self, dataset, batch_size: int, seed: int, collate: Callable[[list[dict[str, Any]]], Batch],
+                 rows: list[int] | None = None) -> None:
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = seed
         self.collate = collate
-        self.per_epoch = len(dataset) // (batch_size * dist.world_size())
-        if self.per_epoch == 0:
-            raise ConfigError(
-                f"the training set has {len(dataset)} examples, fewer than one global batch "
-                f"({batch_size} x {dist.world_size()} ranks); lower train.batch_size"
-            )
+        self.rows = torch.tensor(rows, dtype=torch.long) if rows is not None else None
+        n = len(rows) if rows is not None else len(dataset)
+        self.per_epoch = micro_batches_per_epoch(n, batch_size, dist.world_size())
 
     def state_dict(self) -> None:
         """No position beyond the loop's micro-batch count."""
@@ -45,7 +47,11 @@ class ShardedBatches:
         """Nothing to restore (``skip`` does it)."""
 
     def __call__(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
-        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch))
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        if self.rows is None:
+            order = torch.randperm(len(self.dataset), generator=generator)
+        else:
+            order = self.rows[torch.randperm(len(self.rows), generator=generator)]
         mine = order[dist.rank():: dist.world_size()]
         for i in range(skip, self.per_epoch):
             idx = mine[i * self.batch_size:(i + 1) * self.batch_size].tolist()

@@ -36,6 +36,9 @@ from ..resume import record_changes
 from ..trackers import Trackers
 from . import accel, dist, rundir
 from .batches import ShardedBatches, StreamBatches
+from .budget import Budget, holdout_split, plan_budget
+from .early_stopping import STATE_KEY as EARLY_STOPPING
+from .early_stopping import EarlyStopping
 from .module import DistillModule, TeacherRunner
 from .signals import StopRequests
 from .step import PhaseTimer, distill_step, step_flops_per_token
@@ -69,6 +72,8 @@ class Run:
         mixup: CR-ILD's embedding mixup, when ``train.mixup``.
         timer: the step-time split of this process (:class:`PhaseTimer`).
         on_policy: ``data.on_policy``'s batch transformation (student continuations), None when off.
+        budget: how ``total_steps`` was decided (:func:`~scaledkd.engine.budget.plan_budget`).
+        early_stopping: ``train.early_stopping``'s holdout scorer and rule, None when off.
     """
 
     plan: RunPlan
@@ -86,6 +91,8 @@ class Run:
     mixup: EmbeddingMixup | None
     timer: PhaseTimer = field(default_factory=PhaseTimer)  # where the step time went, per window and for the run
     on_policy: OnPolicy | None = None
+    budget: Budget | None = None
+    early_stopping: EarlyStopping | None = None
 
     @property
     def cfg(self) -> Config:
@@ -203,17 +210,29 @@ def _setup(plan: RunPlan, run_dir: Path, replaced: Path | None) -> Run:
     if cache is not None:
         teacher = CachedTeacher(cache, module.teacher_taps(), dist.device())
 
+    # Budget: the steps train.max_steps / epochs / min_steps give on the rows trained on (engine/budget.py).
+    early_stopping = None
     if cfg.data.streaming:  # build.resolve made sure train.max_steps is set
-        batches = StreamBatches(train_set, cfg.train.batch_size, collate, cfg.train.max_steps * cfg.train.grad_accum)
+        budget = plan_budget(cfg.train, None, dist.world_size())
+        batches = StreamBatches(train_set, cfg.train.batch_size, collate, budget.steps * cfg.train.grad_accum)
     else:
-        batches = ShardedBatches(train_set, cfg.train.batch_size, cfg.train.seed, collate)
-    total_steps = cfg.train.max_steps or max(1, int(cfg.train.epochs * batches.per_epoch / cfg.train.grad_accum))
+        budget = plan_budget(cfg.train, len(train_set), dist.world_size())
+        trained_rows = None
+        if cfg.train.early_stopping is not None:  # a seeded share of the training rows, never trained on
+            trained_rows, held = holdout_split(len(train_set), cfg.train)
+            early_stopping = EarlyStopping(cfg.train.early_stopping, train_set.select(held), cfg.train.batch_size,
+                                           collate, task, plan.spec.name,
+                                           floor=min(cfg.train.min_steps or 0, budget.steps))
+        batches = ShardedBatches(train_set, cfg.train.batch_size, cfg.train.seed, collate, rows=trained_rows)
+    total_steps = budget.steps
+    if dist.is_main():
+        log.info("budget: %s", budget.describe())
     optimizer = torch.optim.AdamW(_weight_decay_groups(module, cfg), lr=cfg.train.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(total_steps, cfg.train.warmup_ratio))
     engine = engines.initialize("student", module, optimizer=optimizer, lr_scheduler=scheduler)
     run = Run(plan=plan, run_dir=run_dir, replaced=replaced, tokenizer=tokenizer, train_set=train_set,
               dev_set=dev_set, collate=collate, engine=engine, teacher=teacher, teacher_model=teacher_engine,
-              batches=batches, total_steps=total_steps, mixup=mixup)
+              batches=batches, total_steps=total_steps, mixup=mixup, budget=budget, early_stopping=early_stopping)
     run.timer.flops_per_token = step_flops_per_token(
         models.count_parameters(student), models.count_parameters(teacher_engine) if teacher_engine is not None else 0)
     if cfg.data.on_policy is not None:
@@ -291,6 +310,8 @@ class _Log:
             self.trackers.log(record, record["step"], "eval/")
         elif event == "teacher_eval":
             self.trackers.log(record, 0, "teacher/")
+        elif event == "holdout":
+            self.trackers.log(record, record["step"], "holdout/")
 
 
 def train(run: Run) -> dict[str, Any]:
@@ -363,7 +384,8 @@ def _loop(run: Run, state: dict[str, Any], logfile: _Log, bar, stops: StopReques
     mixup = run.mixup
     timer = run.timer
     last_save = time.monotonic()
-    while step < total_steps:
+    stopper = run.early_stopping
+    while step < total_steps and not (state.get(EARLY_STOPPING) or {}).get("stopped"):
         epoch, skip = divmod(state["micro"], batches.per_epoch)
         for batch in batches(epoch, skip):
             if mixup is not None:
@@ -396,9 +418,12 @@ def _loop(run: Run, state: dict[str, Any], logfile: _Log, bar, stops: StopReques
             if bar is not None:
                 bar.update(1)
             is_eval = cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps
+            early_stop = False
             if is_eval:
                 scores = evaluate(run)
                 _record_eval(state, step, scores, logfile)
+                if stopper is not None:  # the holdout of the training rows decides, never the dev set
+                    early_stop = stopper.check(engine.module.student, step, state, logfile.write)
                 if cfg.train.export == "best" and state["best"] and state["best"]["step"] == step:
                     best_state = gather_student_state(engine.module)
             on_schedule = bool(cfg.train.save_every and step % cfg.train.save_every == 0)
@@ -414,7 +439,7 @@ def _loop(run: Run, state: dict[str, Any], logfile: _Log, bar, stops: StopReques
                     f"{total_steps}, with a checkpoint in {run.run_dir / checkpoint.CHECKPOINTS}; run the same command "
                     "with train.resume=auto (or latest) to continue"
                 )
-            if step >= total_steps:
+            if step >= total_steps or early_stop:
                 break
     return step, best_state
 
@@ -477,6 +502,8 @@ def finish(run: Run, result: dict[str, Any]) -> dict[str, Any]:
         "exported": result["exported"],
         "selected_metric": "score" if result["final"] else None,
         "history": result["state"]["history"],
+        "budget": run.budget.as_dict() if run.budget is not None else None,
+        "early_stopping": result["state"].get(EARLY_STOPPING),  # the holdout record, when train.early_stopping
         "size": sizes,
         "speed": timing,
         "extra": extra,
