@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import subprocess
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,7 +32,7 @@ from scaledkd.config import (
 from scaledkd.engine.budget import holdout_split, plan_budget
 from scaledkd.engine.early_stopping import EarlyStopping, check_early_stopping
 from scaledkd.inputs import EXAMPLE_IDS
-from tests.tiny import REPO, SHARED_DATA, tiny_recipe
+from tests.tiny import REPO, SHARED_DATA, free_port, tiny_recipe, write_recipe
 
 GLUE = SHARED_DATA / "glue"
 # Recipes another piece of work owns the budget of (TED's and How-to-distill's staged protocols).
@@ -287,3 +290,24 @@ def test_resume_keeps_the_early_stopping_record(tmp_path, tiny_assets, _repo_cwd
     recipe["train"].update(max_steps=None, resume="latest", resume_allow_changes=["train.max_steps"])
     _, metrics = _train(recipe)
     assert metrics["steps"] == 9 and metrics["early_stopping"]["best_step"] == 3
+
+
+@pytest.mark.slow  # ~50 s on 2 cores
+@pytest.mark.multiproc
+def test_two_ranks_stop_together_under_zero3(tmp_path, tiny_assets):
+    """Two gloo ranks with a ZeRO-3 student (every holdout forward is a collective): both ranks score the holdout
+    and stop at the same step, as one rank with the same global batch does; a rank that stopped alone would hang
+    the other in its next collective until the timeout."""
+    recipe = _early_stopping_recipe(tmp_path, tiny_assets, batch_size=4, dist_timeout_s=60)
+    recipe["student"]["ds_config"] = "ds_configs/zero3.json"
+    path = write_recipe(tmp_path / "r.yaml", **recipe)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "scaledkd.cli", "distill", str(path)]
+    proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["budget"]["steps"] == 45 and metrics["steps"] == 9
+    assert metrics["early_stopping"]["stopped"] and metrics["early_stopping"]["best_step"] == 3
