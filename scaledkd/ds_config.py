@@ -2,8 +2,8 @@
 (inference) config. Pure dictionaries, no DeepSpeed import, so the run plan and the memory planner read the same
 resolved configs the engines are built from.
 
-``"auto"`` values in the shipped JSONs are filled here from the recipe (batch sizes, clipping, precision), so a
-recipe and its DeepSpeed JSON never disagree.
+``"auto"`` values in the shipped JSONs are filled here from the recipe (batch sizes, clipping, precision) and, for
+the student's ``reduce_bucket_size``, from its width, so a recipe and its DeepSpeed JSON never disagree.
 """
 from __future__ import annotations
 
@@ -80,6 +80,20 @@ def student_ds_config(raw: dict[str, Any], train: TrainConfig, world_size: int) 
     if zero_section(cfg).get("offload_optimizer"):
         cfg.setdefault("zero_force_ds_cpu_optimizer", False)  # a client torch optimizer with offload
     return cfg
+
+
+def fill_bucket_sizes(cfg: dict[str, Any], hidden_size: int) -> dict[str, Any]:
+    """``reduce_bucket_size: "auto"`` -> ``hidden_size**2`` elements (what transformers' Trainer fills in).
+
+    DeepSpeed's own default, 5e8 elements, is a buffer of 2 GiB (fp32) on every rank whatever the model: more than
+    the whole gradient partition of a student of a few hundred million parameters. A bucket of ``h**2`` elements is
+    one weight matrix's worth, large enough to keep reductions efficient. Returns a copy; a number is kept.
+    """
+    out = copy.deepcopy(cfg)
+    zero = out.get("zero_optimization")
+    if isinstance(zero, dict) and zero.get("reduce_bucket_size") == "auto":
+        zero["reduce_bucket_size"] = int(hidden_size) ** 2
+    return out
 
 
 def teacher_ds_config(raw: dict[str, Any], train: TrainConfig, world_size: int) -> dict[str, Any]:

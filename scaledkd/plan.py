@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .ds_config import offloaded, read_ds_config, zero_section, zero_stage
+from .ds_config import fill_bucket_sizes, offloaded, read_ds_config, zero_section, zero_stage
 
 GiB = 2**30
 DS_DEFAULT_REDUCE_BUCKET = 500_000_000
@@ -62,7 +62,14 @@ STUDENT_LAYOUTS = {
 TEACHER_COST = {"replicated": 0, "zero3": 2, "zero3_offload": 5}
 STUDENT_COST = {"zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3, "zero2_offload": 4, "zero3_offload": 6}
 CATEGORIES = ("teacher_params", "student_params", "master_params", "optimizer_states", "gradients", "comm_buffers",
-              "other", "activations")
+              "other", "activations", "transient")
+DEVICES = ("cuda", "cpu")
+# torch AdamW's temporaries per element it updates, beyond its states (measured on CPU ranks, benchmarks/scale.py:
+# the single-tensor path makes sqrt(v) and sqrt(v)/c2 before the in-place update, with DeepSpeed's fp32 gradient
+# view: 3 copies of the flat fp32 partition at the step). On CUDA the foreach path makes one sqrt copy; the gradient
+# copy is assumed as on CPU (not measured on a GPU).
+ADAM_TEMPORARIES = {"cpu": 3, "cuda": 2}
+HEAD_CHUNK_ROWS = 256  # scaledkd.losses.head's default chunk_size: tokens whose [C, V] logits exist at once
 
 
 class PlanError(ValueError):
@@ -144,7 +151,7 @@ def teacher_bytes(numels: Sequence[int], ds_config: dict[str, Any], n: int, prec
 
 
 def student_bytes(numels: Sequence[int], ds_config: dict[str, Any], n: int, precision: str, grad_accum: int = 1,
-                  largest_module: int = 0) -> Bytes:
+                  largest_module: int = 0, hidden: int | None = None, resident_only: bool = False) -> Bytes:
     """The student's weights, fp32 master copy, Adam states, gradients and DeepSpeed buffers per GPU.
 
     Args:
@@ -154,13 +161,22 @@ def student_bytes(numels: Sequence[int], ds_config: dict[str, Any], n: int, prec
         precision: ``fp32``, ``bf16`` or ``fp16`` weights and gradients (``train.precision``).
         grad_accum: micro-batches per step; above 1 ZeRO-2 keeps whole gradients of the tensors it owns part of.
         largest_module: parameters of the largest module gathered at once under ZeRO-3 (0: not counted).
+        hidden: the student's width, for ``reduce_bucket_size: "auto"`` (:func:`~scaledkd.ds_config.fill_bucket_sizes`).
+        resident_only: count a reduce bucket only as far as the gradients can fill it (CPU ranks: pages never
+            written are not resident).
     """
+    if zero_section(ds_config).get("reduce_bucket_size") == "auto":
+        if hidden is None:
+            raise PlanError("reduce_bucket_size is 'auto': the student's width (hidden) is needed to size it")
+        ds_config = fill_bucket_sizes(ds_config, hidden)
     w = weight_bytes(precision)
     p = float(sum(numels))
     largest = float(max(numels, default=0))
     stage = zero_stage(ds_config)
     zero = zero_section(ds_config)
     bucket = float(zero.get("reduce_bucket_size", DS_DEFAULT_REDUCE_BUCKET))
+    if resident_only:
+        bucket = min(bucket, p)
     off_opt = offloaded(ds_config, "optimizer")
     off_param = offloaded(ds_config, "param")
     out = Bytes()
@@ -215,6 +231,8 @@ class ModelSize:
         largest_module: parameters of the largest block or tensor (what ZeRO-3 gathers at once).
         layers, hidden, heads, vocab: the transformer's shape (activations).
         lm_head: the model outputs vocabulary logits (decoder LMs): ``[B, L, V]`` logits count as activations.
+        head_chunks: every loss that reads logits takes them from the head chunk by chunk (``logits_from_head``),
+            so no ``[B, L, V]`` logits exist.
     """
 
     name: str
@@ -225,6 +243,7 @@ class ModelSize:
     heads: int
     vocab: int
     lm_head: bool
+    head_chunks: bool = False
 
     @property
     def params(self) -> int:
@@ -255,7 +274,10 @@ def recipe_sizes(cfg) -> tuple[ModelSize | None, ModelSize]:
                    if run.teacher_config is not None else None)
     losses, _ = run.build_losses("meta")
     t_size = _measure_meta(run.teacher_path, teacher) if teacher is not None else None
-    return t_size, _measure_meta(f"{cfg.student.init} from {run.student_source}", student, list(losses.values()))
+    s_size = _measure_meta(f"{cfg.student.init} from {run.student_source}", student, list(losses.values()))
+    readers = [loss for loss in losses.values() if "logits" in loss.needs]
+    chunked = bool(readers) and all(loss.logits_from_head for loss in readers)
+    return t_size, dataclasses.replace(s_size, head_chunks=chunked)
 
 
 def _layer_activations(size: ModelSize, batch: int, seq: int, w: int) -> float:
@@ -264,12 +286,13 @@ def _layer_activations(size: ModelSize, batch: int, seq: int, w: int) -> float:
 
 
 def activation_bytes(teacher: ModelSize | None, student: ModelSize, batch: int, seq: int, precision: str,
-                     checkpointing: bool = False) -> float:
+                     checkpointing: bool = False, full_logits: bool = True) -> float:
     """Activations per GPU for one micro-batch: the student's saved for backward, the teacher's transient.
 
     The student keeps every layer's activations (only block inputs with gradient checkpointing, plus one block's
     to recompute); the teacher runs without a graph (one block live) but its captured hidden states stay until the
-    losses read them (all of them, as an upper bound). Decoder LMs add ``[B, L, V]`` logits and their fp32 softmax.
+    losses read them (all of them, as an upper bound). Decoder LMs add ``[B, L, V]`` logits and their fp32 softmax,
+    or, when every logit loss applies the head chunk by chunk (``full_logits=False``), one chunk's ``[C, V]``.
     """
     w = weight_bytes(precision)
     per_layer = _layer_activations(student, batch, seq, w)
@@ -277,13 +300,14 @@ def activation_bytes(teacher: ModelSize | None, student: ModelSize, batch: int, 
         total = student.layers * batch * seq * student.hidden * w + per_layer
     else:
         total = student.layers * per_layer
+    rows = batch * seq if full_logits else min(batch * seq, HEAD_CHUNK_ROWS)
     if student.lm_head:
-        total += batch * seq * student.vocab * (w + 4)
+        total += rows * student.vocab * (w + 4)
     if teacher is not None:
         total += _layer_activations(teacher, batch, seq, w)
         total += (teacher.layers + 1) * batch * seq * teacher.hidden * w
         if teacher.lm_head:
-            total += batch * seq * teacher.vocab * (w + 4)
+            total += rows * teacher.vocab * (w + 4)
     return float(total)
 
 
@@ -334,14 +358,30 @@ def check_arguments(gpus: int, gpu_mem_gib: float, headroom: float) -> None:
         raise PlanError(f"--headroom={headroom!r} must be in [0, 1) (the share of GPU memory kept free)")
 
 
+def optimizer_temporaries(numels: Sequence[int], ds_config: dict[str, Any], n: int, device: str = "cuda") -> float:
+    """Bytes torch AdamW allocates for one step beyond its states: ``ADAM_TEMPORARIES[device]`` fp32 copies of
+    what one update call covers. ZeRO-1/2/3 hand it the rank's flat fp32 partition (``P / N`` elements at once);
+    ZeRO-0 the parameters one tensor at a time (the largest tensor). They exist after backward, when the activations
+    are gone, so :func:`make_plan` counts only what exceeds the activations."""
+    per_call = sum(numels) / n if zero_stage(ds_config) > 0 else max(numels, default=0)
+    return float(ADAM_TEMPORARIES[device] * 4 * per_call)
+
+
 def make_plan(cfg, gpus: int, gpu_mem_gib: float, headroom: float = DEFAULT_HEADROOM,
-              sizes: tuple[ModelSize | None, ModelSize] | None = None) -> Plan:
-    """Every teacher x student layout of ``cfg`` on ``gpus`` GPUs of ``gpu_mem_gib`` GiB, and which ones fit."""
+              sizes: tuple[ModelSize | None, ModelSize] | None = None, device: str = "cuda") -> Plan:
+    """Every teacher x student layout of ``cfg`` on ``gpus`` GPUs of ``gpu_mem_gib`` GiB, and which ones fit.
+
+    ``device="cpu"`` plans CPU ranks (RAM per rank, as ``benchmarks/scale.py`` measures it): there a buffer's
+    pages that are never written are not resident, so a reduce bucket counts only what the student's gradients
+    can fill (``min(reduce_bucket_size, P)``), where a GPU allocator reserves all of it.
+    """
     check_arguments(gpus, gpu_mem_gib, headroom)
+    if device not in DEVICES:
+        raise PlanError(f"--device={device!r} is not valid; choose one of {list(DEVICES)}")
     teacher, student = sizes if sizes is not None else recipe_sizes(cfg)
     precision, train = cfg.train.precision, cfg.train
     activations = activation_bytes(teacher, student, train.batch_size, cfg.data.max_length, precision,
-                                   cfg.student.gradient_checkpointing)
+                                   cfg.student.gradient_checkpointing, full_logits=not student.head_chunks)
     layouts = []
     for t_name in (list(TEACHER_LAYOUTS) if teacher is not None else [None]):
         t_bytes = Bytes()
@@ -349,10 +389,13 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, headroom: float = DEFAULT_HEAD
             t_bytes = teacher_bytes(teacher.numels, read_ds_config(TEACHER_LAYOUTS[t_name]), gpus, precision,
                                     teacher.largest_module)
         for s_name, s_path in STUDENT_LAYOUTS.items():
-            s_bytes = student_bytes(student.numels, read_ds_config(s_path), gpus, precision, train.grad_accum,
-                                    student.largest_module)
+            s_config = read_ds_config(s_path)
+            s_bytes = student_bytes(student.numels, s_config, gpus, precision, train.grad_accum,
+                                    student.largest_module, student.hidden, resident_only=device == "cpu")
             total = t_bytes.merged(s_bytes)
             total.add("activations", activations)
+            temporaries = optimizer_temporaries(student.numels, s_config, gpus, device)
+            total.add("transient", max(0.0, temporaries - activations), on_host=offloaded(s_config, "optimizer"))
             layouts.append(Layout(t_name, s_name, total, total.device_total <= gpu_mem_gib * GiB * (1 - headroom)))
     return Plan(teacher, student, gpus, gpu_mem_gib, headroom, precision, train.batch_size, cfg.data.max_length,
                 layouts)
@@ -388,11 +431,12 @@ def format_plan(plan: Plan) -> str:
         b = layout.bytes
         cells = [layout.teacher or "-", layout.student, _gib(b.both("teacher_params")), _gib(b.both("student_params")),
                  _gib(b.both("master_params")), _gib(b.both("optimizer_states")), _gib(b.both("gradients")),
-                 _gib(b.both("comm_buffers") + b.both("other")), _gib(b.both("activations")), _gib(b.device_total),
+                 _gib(b.both("comm_buffers") + b.both("other") + b.both("transient")), _gib(b.both("activations")), _gib(b.device_total),
                  _gib(b.host_total), "yes" if layout.fits else "no"]
         lines.append("  ".join(c.ljust(wd) if i < 2 else c.rjust(wd) for i, (c, wd) in enumerate(zip(cells, widths))))
     lines += ["", "Columns are GiB per GPU of each kind, wherever it lives; 'GPU total' excludes what is offloaded, "
-              "'host' is the offloaded part (CPU RAM per GPU)."]
+              "'host' is the offloaded part (CPU RAM per GPU); 'buffers' includes the optimizer step's temporaries "
+              "beyond the activations."]
     best = plan.recommended
     if best is None:
         lines.append(f"No layout fits in {_gib(plan.usable_bytes)} GiB per GPU: use more GPUs, a smaller "

@@ -7,6 +7,7 @@ configs alone (meta-device models), so agreement checks both the counting and th
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -58,7 +59,8 @@ def test_planner_bytes_agree_with_the_measured_table(measured, minilm_sizes):
     for row in measured["rows"]:
         n = row["world_size"]
         got = plan.teacher_bytes(teacher.numels, read_ds_config(row["teacher_ds_config"]), n, "fp32").merged(
-            plan.student_bytes(student.numels, read_ds_config(row["student_ds_config"]), n, "fp32", grad_accum=2))
+            plan.student_bytes(student.numels, read_ds_config(row["student_ds_config"]), n, "fp32", grad_accum=2,
+                               hidden=student.hidden))
         for category, held in row["bytes_max_over_ranks"].items():
             if category == "comm_buffers" and row["student"].startswith("zero2"):
                 continue  # ZeRO-2 allocates and frees its bucket inside each backward: not held when counted
@@ -196,3 +198,50 @@ def test_missing_options_and_help(capsys):
     assert err.value.code == 0 and "--gpu-mem" in capsys.readouterr().out
     assert cli.main(["plan", "no/such/recipe.yaml", "--gpus", "1", "--gpu-mem", "8"]) == 2
     assert "no/such/recipe.yaml" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ CPU ranks, buckets, steps
+
+
+def test_an_auto_reduce_bucket_is_one_weight_matrix_and_a_number_is_kept():
+    from scaledkd.ds_config import fill_bucket_sizes
+
+    shipped = read_ds_config("ds_configs/zero3.json")
+    assert shipped["zero_optimization"]["reduce_bucket_size"] == "auto"
+    assert fill_bucket_sizes(shipped, 384)["zero_optimization"]["reduce_bucket_size"] == 384 ** 2
+    assert shipped["zero_optimization"]["reduce_bucket_size"] == "auto"  # a copy: the read config is untouched
+    fixed = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 1000}}
+    assert fill_bucket_sizes(fixed, 384)["zero_optimization"]["reduce_bucket_size"] == 1000
+    with pytest.raises(plan.PlanError, match="hidden"):
+        plan.student_bytes([10, 10], shipped, 2, "fp32")
+
+
+def test_cpu_ranks_count_only_the_bucket_the_gradients_fill():
+    numels = [1_000_000] * 4  # P = 4e6 elements, far below DeepSpeed's 5e8 default bucket
+    config = {"zero_optimization": {"stage": 3}}
+    gpu = plan.student_bytes(numels, config, 2, "fp32")
+    cpu = plan.student_bytes(numels, config, 2, "fp32", resident_only=True)
+    assert gpu.both("comm_buffers") == 4 * plan.DS_DEFAULT_REDUCE_BUCKET
+    assert cpu.both("comm_buffers") == 4 * 4_000_000
+    assert cpu.both("optimizer_states") == gpu.both("optimizer_states")
+
+
+def test_the_optimizer_step_counts_only_what_exceeds_the_activations():
+    cfg = config_from_dict(recipe_dict("teacher-7b", precision="bf16", batch_size=8, grad_accum=1))
+    for device in plan.DEVICES:
+        layouts = {(x.teacher, x.student): x.bytes for x in plan.make_plan(cfg, 8, 80, sizes=SIZES, device=device).layouts}
+        z3 = layouts[("zero3", "zero3")]
+        temporaries = plan.optimizer_temporaries(SIZES[1].numels, read_ds_config("ds_configs/zero3.json"), 8, device)
+        assert temporaries == plan.ADAM_TEMPORARIES[device] * 4 * SIZES[1].params / 8
+        assert z3.both("transient") == pytest.approx(max(0.0, temporaries - z3.both("activations")))
+    with pytest.raises(plan.PlanError, match="--device='tpu'"):
+        plan.make_plan(cfg, 8, 80, sizes=SIZES, device="tpu")
+
+
+def test_head_chunked_logit_losses_plan_no_full_logits():
+    student = synthetic(100, 4, 1024, "student")
+    lm = dataclasses.replace(student, lm_head=True, vocab=128_000)
+    full = plan.activation_bytes(None, lm, 4, 2048, "bf16")
+    chunked = plan.activation_bytes(None, dataclasses.replace(lm, head_chunks=True), 4, 2048, "bf16",
+                                    full_logits=False)
+    assert full - chunked == pytest.approx((4 * 2048 - plan.HEAD_CHUNK_ROWS) * 128_000 * (2 + 4))

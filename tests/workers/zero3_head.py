@@ -50,7 +50,8 @@ def run(tied: bool, head_chunks: bool, teacher_engine, train: TrainConfig) -> tu
     }
     module = DistillModule(student, losses, {"lm_kd": 1.0, "lm_task": 0.5})
     teacher = TeacherRunner(teacher_engine, module.teacher_taps(), head=module.teacher_head())
-    cfg = ds_config.student_ds_config(ds_config.read_ds_config("ds_configs/zero3.json"), train, dist.world_size())
+    cfg = ds_config.fill_bucket_sizes(ds_config.student_ds_config(ds_config.read_ds_config("ds_configs/zero3.json"),
+                                                                  train, dist.world_size()), student.config.hidden_size)
     cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # tiny heads are partitioned too
     engine = ds.initialize(module, cfg, optimizer=torch.optim.AdamW(module.parameters(), lr=1e-2))
     head = student.get_output_embeddings().weight
