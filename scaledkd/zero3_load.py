@@ -8,9 +8,9 @@ anonymous memory per rank while loading a 230 M teacher on 2 ranks, where the pa
 Here the model is built under ``deepspeed.zero.Init`` with weight initialisation switched off (each module's
 parameters are allocated whole for a moment and partitioned as soon as the module is built), then every parameter's
 partition (``param.ds_tensor``: elements ``[r * p, (r + 1) * p)`` of the row-major flattening, ``p = ceil(numel /
-N)``, the last partition zero-padded) is filled from the checkpoint by reading only the rows that hold those
-elements (``safe_open(...).get_slice``). No collective runs, no rank reads another rank's elements, and each rank
-touches about 1/N of the files' pages.
+N)``, the last partition zero-padded) is filled from the checkpoint by reading only those elements
+(:class:`SafetensorsFile`: one contiguous byte range per partition, read with plain file reads into the
+partition itself). No collective runs, no rank reads another rank's elements, and nothing is memory-mapped.
 
 Used by :func:`scaledkd.models.load_pretrained` while a stage-3 ``HfDeepSpeedConfig`` is alive (the engine's load
 context). A checkpoint whose names do not line up with the model's (legacy names, a missing trained tensor, a
@@ -49,20 +49,68 @@ def zero3_enabled() -> bool:
     return bool(is_deepspeed_zero3_enabled())
 
 
-def read_flat_range(handle, key: str, shape: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
-    """Elements ``[start, stop)`` of the row-major flattening of checkpoint tensor ``key`` (shape ``shape``).
+# safetensors dtype names -> torch dtypes (the format's header spells them so).
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
 
-    Reads only the rows (slices along dim 0) that hold them: at most two rows more than ``stop - start`` elements.
 
-    Returns:
-        ``[stop - start]`` tensor in the checkpoint's dtype.
+class SafetensorsFile:
+    """Element ranges of the tensors of one ``.safetensors`` file, read with plain file reads.
+
+    The format is an 8-byte little-endian header length, a JSON header (``dtype``, ``shape``, ``data_offsets``
+    per tensor) and the row-major bytes of each tensor. A flat element range of a tensor is therefore one
+    contiguous byte range, read with ``readinto`` straight into the destination: no memory map (whose touched pages
+    would count in the process's RSS until the file is closed) and no copy of anything outside the range.
     """
-    if not shape:  # a scalar
-        return handle.get_tensor(key).reshape(-1)[start:stop]
-    row = math.prod(shape[1:])
-    first, last = start // row, -(-stop // row)
-    rows = handle.get_slice(key)[first:last].reshape(-1)
-    return rows[start - first * row:stop - first * row]
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            try:
+                header = json.loads(f.read(size))
+            except (ValueError, MemoryError, OverflowError):
+                raise ValueError(f"{path}: the safetensors header cannot be read; the file is truncated or corrupt "
+                                 "(an interrupted copy or download?): copy it again") from None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + size
+        self.tensors = header
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.tensors[key]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        name = self.tensors[key]["dtype"]
+        if name not in _DTYPES:
+            raise ValueError(f"{self.path}: tensor {key!r} has dtype {name}, which scaledkd cannot load partitioned")
+        return _DTYPES[name]
+
+    def read_into(self, key: str, start: int, out: torch.Tensor) -> None:
+        """Fill ``out`` (contiguous, 1-D, this tensor's dtype) with elements ``[start, start + out.numel())`` of the
+        tensor's row-major flattening."""
+        dtype = self.dtype(key)
+        if out.dtype != dtype or not out.is_contiguous():
+            raise ValueError(f"read_into {key!r}: needs a contiguous {dtype} buffer, got {out.dtype}")
+        begin = self.data_start + self.tensors[key]["data_offsets"][0] + start * out.element_size()
+        view = memoryview(out.view(torch.uint8).numpy())
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(begin)
+            done = 0
+            while done < len(view):  # readinto may return less than asked
+                n = f.readinto(view[done:])
+                if not n:
+                    raise ValueError(f"{self.path}: truncated while reading {key!r} (an interrupted copy?)")
+                done += n
+
+    def read(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Elements ``[start, stop)`` of the row-major flattening of tensor ``key``: ``[stop - start]``."""
+        out = torch.empty(stop - start, dtype=self.dtype(key))
+        self.read_into(key, start, out)
+        return out
 
 
 @contextlib.contextmanager
@@ -128,8 +176,6 @@ def load_partitioned(folder: Path, config: PretrainedConfig, model_class,
     Raises:
         ValueError: a checkpoint tensor's shape differs from the model's (names both).
     """
-    from safetensors import safe_open
-
     from transformers.integrations import deepspeed_config
 
     files = safetensors_files(folder)
@@ -141,7 +187,7 @@ def load_partitioned(folder: Path, config: PretrainedConfig, model_class,
     model.tie_weights()  # what transformers' ZeRO-3 path does after construction: tied heads share the partition
     handles = {}
     for file in files:
-        handle = safe_open(str(file), framework="pt")
+        handle = SafetensorsFile(file)
         handles.update({key: handle for key in handle.keys()})
     names = _checkpoint_names(model, handles)
     if names is None:
@@ -150,10 +196,10 @@ def load_partitioned(folder: Path, config: PretrainedConfig, model_class,
     with torch.no_grad():
         for name, key in names.items():
             handle = handles[key]
-            stored = tuple(handle.get_slice(key).get_shape())
+            stored = handle.shape(key)
             if name not in params:  # a persistent buffer: small and not partitioned, read whole
                 buffer = model.get_buffer(name)
-                buffer.copy_(handle.get_tensor(key).to(buffer.dtype))
+                buffer.copy_(handle.read(key, 0, math.prod(stored)).reshape(stored).to(buffer.dtype))
                 continue
             param = params[name]
             if stored != tuple(param.ds_shape):
@@ -164,8 +210,10 @@ def load_partitioned(folder: Path, config: PretrainedConfig, model_class,
             start = size * param.ds_zero_partition_rank
             stop = min(start + size, param.ds_numel)
             part.zero_()  # the last rank's padding
-            if start < stop:
-                part[:stop - start].copy_(read_flat_range(handle, key, stored, start, stop).to(part.dtype))
+            if start < stop and handle.dtype(key) == part.dtype:
+                handle.read_into(key, start, part[:stop - start])  # straight into the partition
+            elif start < stop:
+                part[:stop - start].copy_(handle.read(key, start, stop).to(part.dtype))
     if model.can_generate() and (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
     model.eval()  # as from_pretrained returns it

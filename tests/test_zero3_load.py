@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from scaledkd.zero3_load import read_flat_range
+from scaledkd.zero3_load import SafetensorsFile
 from tests.tiny import REPO, free_port, make_tiny_bert
 
 pytestmark = pytest.mark.multiproc
@@ -47,15 +46,27 @@ def _legacy_names(src: Path, dst: Path) -> None:
     save_file(renamed, str(dst / "model.safetensors"), metadata={"format": "pt"})
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
 @pytest.mark.parametrize("shape", [(), (7,), (5, 3), (4, 3, 2)])
-def test_a_flat_range_reads_the_elements_of_the_flattened_tensor(tmp_path, shape):
-    tensor = torch.arange(max(1, torch.Size(shape).numel()), dtype=torch.float32).reshape(shape)
-    save_file({"t": tensor}, str(tmp_path / "t.safetensors"))
+def test_a_flat_range_reads_the_elements_of_the_flattened_tensor(tmp_path, shape, dtype):
+    tensor = torch.arange(max(1, torch.Size(shape).numel())).to(dtype).reshape(shape)
+    other = torch.full((3,), 7.0)  # a second tensor first in the file: offsets must be honoured
+    save_file({"a_other": other, "t": tensor}, str(tmp_path / "t.safetensors"), metadata={"format": "pt"})
+    file = SafetensorsFile(tmp_path / "t.safetensors")
+    assert file.shape("t") == tuple(shape) and file.dtype("t") == dtype
     flat = tensor.reshape(-1)
-    with safe_open(str(tmp_path / "t.safetensors"), framework="pt") as handle:
-        for start in range(flat.numel()):
-            for stop in range(start + 1, flat.numel() + 1):
-                assert torch.equal(read_flat_range(handle, "t", shape, start, stop), flat[start:stop])
+    for start in range(flat.numel()):
+        for stop in range(start + 1, flat.numel() + 1):
+            assert torch.equal(file.read("t", start, stop), flat[start:stop])
+    assert torch.equal(file.read("a_other", 0, 3), other)
+
+
+def test_a_truncated_file_is_named(tmp_path):
+    save_file({"t": torch.ones(1000)}, str(tmp_path / "t.safetensors"))
+    data = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(data[:-100])
+    with pytest.raises(ValueError, match="truncated while reading 't'"):
+        SafetensorsFile(tmp_path / "t.safetensors").read("t", 900, 1000)
 
 
 @pytest.mark.parametrize("nproc", [2, 3])
