@@ -147,7 +147,7 @@ def test_holdout_is_seeded_disjoint_and_removed_from_the_budget():
     assert holdout_split(635, other)[1] != held
     budget = plan_budget(train, 635, 1)
     assert (budget.train_rows, budget.holdout_rows, budget.epoch_steps) == (571, 64, 71)
-    with pytest.raises(ConfigError, match="fewer than one global batch"):
+    with pytest.raises(ConfigError, match="holds out 8 of 15 training rows; the 7 left are fewer than one global"):
         plan_budget(TrainConfig(batch_size=8, eval_every=5, early_stopping={"holdout": 0.5}), 15, 1)
 
 
@@ -311,3 +311,19 @@ def test_two_ranks_stop_together_under_zero3(tmp_path, tiny_assets):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["budget"]["steps"] == 45 and metrics["steps"] == 9
     assert metrics["early_stopping"]["stopped"] and metrics["early_stopping"]["best_step"] == 3
+
+
+def test_validate_prints_the_resolved_budget(tmp_path, tiny_assets, _repo_cwd, capsys):
+    from scaledkd import cli
+
+    recipe = _early_stopping_recipe(tmp_path, tiny_assets, min_steps=100)
+    assert cli.main(["validate", str(write_recipe(tmp_path / "r.yaml", **recipe))]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out[out.index("{"):])
+    assert report["budget"] == {"steps": 100, "rule": "min_steps", "epoch_steps": 45, "epochs": 100 / 9,
+                                "train_rows": 72, "holdout_rows": 24}
+    recipe["train"]["early_stopping"] = {"holdout": 0.5}
+    recipe["train"]["batch_size"] = 64  # 48 rows left to train on: fewer than one batch, refused before any model
+    assert cli.main(["validate", str(write_recipe(tmp_path / "r.yaml", **recipe))]) == 2
+    assert "holdout=0.5 holds out 48 of 96 training rows; the 48 left are fewer than one global batch" in \
+        capsys.readouterr().err

@@ -117,6 +117,10 @@ def plan_budget(train: TrainConfig, rows: int | None, world_size: int) -> Budget
                       train_rows=None)
     held = holdout_size(rows, train)
     trained = rows - held
+    if held and trained < train.batch_size * world_size:
+        raise ConfigError(f"train.early_stopping.holdout={train.early_stopping.holdout} holds out {held} of {rows} "
+                          f"training rows; the {trained} left are fewer than one global batch ({train.batch_size} x "
+                          f"{world_size} ranks); lower the holdout or train.batch_size")
     per_epoch = micro_batches_per_epoch(trained, train.batch_size, world_size)
     epoch_steps = max(1, int(train.epochs * per_epoch / train.grad_accum))
     if train.max_steps:
