@@ -295,7 +295,7 @@ def main() -> int:
     if args.rewrite:
         path = Path(args.results)
         records = json.loads(path.read_text())
-        path.with_suffix(".md").write_text(markdown(records))
+        path.with_suffix(".md").write_text(markdown(records, _notes(path)))
         plot(records, path.with_suffix(".png"))
         return 0
 
@@ -368,7 +368,7 @@ def main() -> int:
     records = json.loads(path.read_text()) if path.exists() else []
     records = [r for r in records if r["label"] != label] + [record]
     path.write_text(json.dumps(records, indent=1) + "\n")
-    path.with_suffix(".md").write_text(markdown(records))
+    path.with_suffix(".md").write_text(markdown(records, _notes(path)))
     plot(records, path.with_suffix(".png"))
     for r, ph in sorted(peaks.items()):
         print(f"rank {r} rss : " + "  ".join(f"{k}={v:.2f}" for k, v in ph.items()))
@@ -418,7 +418,13 @@ def load_and_plan(events: dict, peaks: dict, anon: dict, recipe: Path, args, env
 PHASES = ("load", "teacher_eval", "steps", "final_eval", "finish", "overall")
 
 
-def markdown(records: list[dict]) -> str:
+def _notes(results: Path) -> str:
+    """Hand-written findings kept beside the results (``<results>_notes.md``), appended to the generated table."""
+    notes = results.with_name(results.stem + "_notes.md")
+    return notes.read_text() if notes.is_file() else ""
+
+
+def markdown(records: list[dict], notes: str = "") -> str:
     lines = ["# Peak RSS per rank (benchmarks/scale.py)", "",
              ("Sampled process RSS (GiB) per rank and phase: `load` = `run.setup` (teacher load, student build, "
              "engines), `teacher_eval` = the teacher's held-out perplexity before training, `steps` = the "
@@ -445,6 +451,8 @@ def markdown(records: list[dict]) -> str:
     lines += loading_table([r for r in records if r.get("baseline_gib")])
     lines += ["", "Commands:", ""] + [f"- {r['label']}: `{r['command']}`" for r in records]
     lines += [f"- {r['label']} plan: `{r['plan_command']}`" for r in records if r.get("plan_command")]
+    if notes:
+        lines += ["", notes.rstrip()]
     return "\n".join(lines) + "\n"
 
 
@@ -459,7 +467,7 @@ def plot(records: list[dict], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    records = [r for r in records if r.get("baseline_gib")]
+    records = [r for r in records if r.get("baseline_gib") and not r.get("note")]  # noted rows are references
     layouts: dict[str, list[dict]] = {}
     for r in records:
         layouts.setdefault(f"{Path(r['teacher_ds']).stem} + {Path(r['student_ds']).stem}", []).append(r)
@@ -475,7 +483,8 @@ def plot(records: list[dict], path: Path) -> bool:
         plan = [(n_, max(r["baseline_gib"].values()) + r["plan_gib"]) for n_, r in zip(n, rs) if "plan_gib" in r]
         if plan:
             steps_ax.plot(*zip(*plan), "x--", color=color, label=f"{name}: plan")
-        load_ax.plot(n, [max(r["teacher_load_gib"].values()) for r in rs], "o-", color=color, label=name)
+        if "zero3" in Path(rs[0]["teacher_ds"]).stem:  # a replicated teacher is memory-mapped: its pages come later
+            load_ax.plot(n, [max(r["teacher_load_gib"].values()) for r in rs], "o-", color=color, label=name)
     teacher = records[0]["teacher_params"] * 4 / 2**30
     ns = sorted({r["nproc"] for r in records})
     load_ax.plot(ns, [teacher / x for x in ns], "k:", label="teacher bytes / N")
@@ -515,7 +524,8 @@ def loading_table(records: list[dict]) -> list[str]:
         steps = join(f"{r['peak_gib'][k].get('steps', float('nan')):.2f}" for k in ranks)
         plan = join(f"{b + r['plan_gib']:.2f}" for b in base) if "plan_gib" in r else "-"
         vs = join(f"{r['steps_vs_plan'][k]:.2f}" for k in ranks if k in r.get("steps_vs_plan", {})) or "-"
-        lines.append(f"| {r['label']} | {r['nproc']} | {teacher:.2f} | {join(f'{b:.2f}' for b in base)} | {delta} "
+        label = f"{r['label']} ({r['note']})" if r.get("note") else r["label"]
+        lines.append(f"| {label} | {r['nproc']} | {teacher:.2f} | {join(f'{b:.2f}' for b in base)} | {delta} "
                      f"| {ratio} | {steps} | {plan} | {vs} |")
     return lines
 
