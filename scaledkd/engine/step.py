@@ -12,7 +12,6 @@ from ..errors import NonFiniteLoss
 from . import dist
 from .module import TeacherRunner
 
-
 PHASES = ("teacher", "student", "backward", "optimizer")
 
 # Dense bf16 tensor-core peak of one device in TFLOP/s, by CUDA compute capability: (9, 0) = H100/H200 SXM (989),
@@ -120,11 +119,11 @@ def term_grad_norms(terms: dict[str, torch.Tensor], weights: dict[str, float],
     out = {}
     summed: list[torch.Tensor | None] = [None] * len(params)
     names = [n for n, v in terms.items() if v.requires_grad]
-    for name in terms:
+    for name, value in terms.items():
         if name not in names:
             out[GRAD_NORM + name] = 0.0
             continue
-        grads = torch.autograd.grad(weights[name] * terms[name], params, retain_graph=name != names[-1],
+        grads = torch.autograd.grad(weights[name] * value, params, retain_graph=name != names[-1],
                                     allow_unused=True)
         squares = [g.detach().float().pow(2).sum() for g in grads if g is not None]
         out[GRAD_NORM + name] = float(torch.stack(squares).sum().sqrt()) if squares else 0.0
