@@ -180,7 +180,7 @@ def test_ted_three_stages_export_no_filters(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------- the recipe
 
 
-TED_MSE_A = 100.0  # mse_a of recipes/ted_rte.yaml, from the sweep in benchmarks/results/quality/protocols_cpu.md
+TED_MSE_A = 10.0  # mse_a of recipes/ted_rte.yaml, from the sweep in benchmarks/results/quality/protocols_cpu.md
 
 
 def test_ted_recipe_validates(tmp_path, monkeypatch, capsys):
