@@ -1,4 +1,4 @@
-"""benchmarks/scale.py scaled down (issue 13): a ~106 M-parameter Llama teacher (0.4 GiB fp32, safetensors shards)
+"""benchmarks/scale.py scaled down (issue 13): a ~98 M-parameter Llama teacher (0.37 GiB fp32, safetensors shards)
 distilled on 2 gloo ranks with the teacher and the student under ZeRO-3. The ranks' sampled RSS shows that no rank
 loads more than its share of the teacher, and the forward-KL loss falls."""
 from __future__ import annotations
