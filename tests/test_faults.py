@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -84,9 +85,22 @@ def _command(recipe: Path, nproc: int = 1, wrapper: list[str] | None = None) -> 
             str(free_port()), "-m", "scaledkd.cli", *args]
 
 
+class _Job(subprocess.Popen):
+    """A launch whose output goes to a file: a pipe nobody reads while the test polls the run's log would fill
+    (64 KiB) and block the ranks on their next print."""
+
+    output: Path
+
+    def communicate(self, input=None, timeout=None):  # noqa: A002 (Popen's signature)
+        self.wait(timeout=timeout)
+        return self.output.read_text(errors="replace"), None
+
+
 def _start(cmd: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".log", delete=False) as out:
+        proc = _Job(cmd, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc.output = Path(out.name)
+    return proc
 
 
 def _tree(pid: int) -> list[int]:

@@ -3,10 +3,17 @@ data by :mod:`scaledkd.ds_config` (one config for the student, its own for the t
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 from ..ds_config import zero_stage
+
+# DeepSpeed 0.19's ZeRO calls torch.distributed.reduce_scatter_tensor / all_gather_into_tensor, which torch 2.13 marks
+# deprecated: a FutureWarning per collective (the once-per-location rule is reset whenever code enters
+# warnings.catch_warnings), i.e. dozens per step with a model-sized reduce bucket. Nothing a user can act on.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is "
+                        "deprecated", category=FutureWarning)
 
 
 @contextlib.contextmanager
