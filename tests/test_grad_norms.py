@@ -13,13 +13,7 @@ import torch
 from scaledkd.build import resolve
 from scaledkd.config import config_from_dict
 from scaledkd.engine.step import GRAD_NORM, distill_step, term_grad_norms
-from tests.tiny import REPO, make_sst2, make_tiny_bert, tiny_recipe
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    return make_tiny_bert(root / "teacher"), make_sst2(root / "glue")
+from tests.tiny import REPO, tiny_recipe
 
 
 @pytest.fixture(autouse=True)
@@ -61,10 +55,10 @@ def _by_hand(module, batch, t_out) -> dict[str, float]:
     return out
 
 
-def test_distill_step_reports_each_weighted_term_of_a_tiny_distillation(assets, tmp_path):
+def test_distill_step_reports_each_weighted_term_of_a_tiny_distillation(tiny_assets, tmp_path):
     from scaledkd.engine import run as run_mod
 
-    teacher, data_dir = assets
+    teacher, data_dir = tiny_assets
     losses = [{"name": "task", "weight": 0.5}, {"name": "logit_kd", "weight": 0.5},
               {"name": "hidden_mse", "weight": 2.0}, {"name": "attn_kl", "weight": 10.0, "mapping": "uniform"}]
     cfg = config_from_dict(tiny_recipe(tmp_path, teacher, data_dir, losses=losses))
@@ -83,10 +77,10 @@ def test_distill_step_reports_each_weighted_term_of_a_tiny_distillation(assets, 
     assert not [k for k in plain if k.startswith(GRAD_NORM)] and "attn_kl" in plain
 
 
-def test_a_run_logs_grad_norms_on_logged_steps_only(assets, tmp_path):
+def test_a_run_logs_grad_norms_on_logged_steps_only(tiny_assets, tmp_path):
     from scaledkd import cli
 
-    teacher, data_dir = assets
+    teacher, data_dir = tiny_assets
     recipe = tiny_recipe(tmp_path, teacher, data_dir, losses=[{"name": "task"}, {"name": "attn_kl"}])
     recipe["train"].update(max_steps=5, log_every=2, log_grad_norms=True)
     path = tmp_path / "recipe.yaml"
