@@ -10,7 +10,7 @@ parameters are allocated whole for a moment and partitioned as soon as the modul
 partition (``param.ds_tensor``: elements ``[r * p, (r + 1) * p)`` of the row-major flattening, ``p = ceil(numel /
 N)``, the last partition zero-padded) is filled from the checkpoint by reading only those elements
 (:class:`SafetensorsFile`: one contiguous byte range per partition, read with plain file reads into the
-partition itself). No collective runs, no rank reads another rank's elements, and nothing is memory-mapped.
+partition itself, or through a host buffer of its size when the partition is on the GPU). No collective runs, no rank reads another rank's elements, and nothing is memory-mapped.
 
 Used by :func:`scaledkd.models.load_pretrained` while a stage-3 ``HfDeepSpeedConfig`` is alive (the engine's load
 context). A checkpoint whose names do not line up with the model's (legacy names, a missing trained tensor, a
@@ -91,10 +91,17 @@ class SafetensorsFile:
 
     def read_into(self, key: str, start: int, out: torch.Tensor) -> None:
         """Fill ``out`` (contiguous, 1-D, this tensor's dtype) with elements ``[start, start + out.numel())`` of the
-        tensor's row-major flattening."""
+        tensor's row-major flattening.
+
+        A file read can only write host memory: an ``out`` elsewhere (a ZeRO-3 partition on the GPU, where it lives
+        unless parameters are offloaded) gets the range through a host buffer of its size.
+        """
         dtype = self.dtype(key)
         if out.dtype != dtype or not out.is_contiguous():
             raise ValueError(f"read_into {key!r}: needs a contiguous {dtype} buffer, got {out.dtype}")
+        if out.device.type != "cpu":
+            out.copy_(self.read(key, start, start + out.numel()))
+            return
         begin = self.data_start + self.tensors[key]["data_offsets"][0] + start * out.element_size()
         view = memoryview(out.view(torch.uint8).numpy())
         with open(self.path, "rb", buffering=0) as f:
@@ -211,7 +218,7 @@ def load_partitioned(folder: Path, config: PretrainedConfig, model_class,
             stop = min(start + size, param.ds_numel)
             part.zero_()  # the last rank's padding
             if start < stop and handle.dtype(key) == part.dtype:
-                handle.read_into(key, start, part[:stop - start])  # straight into the partition
+                handle.read_into(key, start, part[:stop - start])  # into the partition (host-staged on a GPU)
             elif start < stop:
                 part[:stop - start].copy_(handle.read(key, start, stop).to(part.dtype))
     if model.can_generate() and (folder / "generation_config.json").is_file():

@@ -61,6 +61,22 @@ def test_a_flat_range_reads_the_elements_of_the_flattened_tensor(tmp_path, shape
     assert torch.equal(file.read("a_other", 0, 3), other)
 
 
+_DEVICES = ["meta", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+def test_a_partition_outside_host_memory_is_filled(tmp_path, device):
+    """Without parameter offload a ZeRO-3 partition (``param.ds_tensor``) lives on the GPU, which no file read can
+    write into: the elements are read into host memory and copied over. ``meta`` (no storage, no numpy view either)
+    stands in for a GPU where there is none; on a GPU the values are compared."""
+    tensor = torch.arange(12, dtype=torch.float32)
+    save_file({"t": tensor}, str(tmp_path / "t.safetensors"))
+    out = torch.full((5,), -1.0, device=device)
+    SafetensorsFile(tmp_path / "t.safetensors").read_into("t", 4, out)
+    if device != "meta":
+        assert torch.equal(out.cpu(), tensor[4:9])
+
+
 def test_a_truncated_file_is_named(tmp_path):
     save_file({"t": torch.ones(1000)}, str(tmp_path / "t.safetensors"))
     data = (tmp_path / "t.safetensors").read_bytes()
