@@ -331,7 +331,8 @@ def check_on_policy(cfg: Config, losses: list[LossPlan], s_config: Any) -> None:
 
 
 def check_losses(cfg: Config, losses: list[LossPlan], ds_student: dict[str, Any]) -> None:
-    """What the losses ask of the rest of the config: labels, mixup, an EMA student, something to train."""
+    """What the losses ask of the rest of the config: labels, mixup, an EMA student, something to train, and
+    whole student parameters for ``train.log_grad_norms``."""
     # A loss that needs a teacher without one has already failed to build (DistillLoss checks it).
     for lp in losses:
         name = lp.key
@@ -349,6 +350,10 @@ def check_losses(cfg: Config, losses: list[LossPlan], ds_student: dict[str, Any]
     if decays and zero_stage(ds_student) == 3:
         raise ConfigError("an EMA student (ema_decay) is not supported with a ZeRO-3 student; drop ema_decay to use "
                           "the clean student forward, or use ZeRO 0/1/2")
+    if cfg.train.log_grad_norms and zero_stage(ds_student) == 3:  # else it fails at the first logged step
+        raise ConfigError("train.log_grad_norms=true needs whole student parameters on every rank; under ZeRO-3 "
+                          "they are partitioned. Use a ZeRO 0-2 student.ds_config for the diagnostic run, or set "
+                          "train.log_grad_norms=false")
     if cfg.student.freeze and not any(lp.trainable_params for lp in losses):
         raise ConfigError("nothing to train: student.freeze=true and no loss has trainable modules")
 

@@ -94,3 +94,18 @@ def test_a_run_logs_grad_norms_on_logged_steps_only(tiny_assets, tmp_path):
     for record in steps.values():
         assert {GRAD_NORM + "task", GRAD_NORM + "attn_kl", GRAD_NORM + "loss"} <= set(record)
         assert all(record[GRAD_NORM + k] > 0 for k in ("task", "attn_kl", "loss"))
+
+
+def test_a_zero3_student_is_refused_before_any_model_loads(tiny_assets, tmp_path):
+    """Under ZeRO-3 the student's parameters are partitioned, so the diagnostic cannot run; that is a config
+    mistake to report at ``scaledkd validate`` time, not at the first logged step after the models loaded."""
+    from scaledkd.config import ConfigError
+
+    teacher, data_dir = tiny_assets
+    recipe = tiny_recipe(tmp_path, teacher, data_dir, losses=[{"name": "task"}])
+    recipe["student"]["ds_config"] = "ds_configs/zero3.json"
+    recipe["train"]["log_grad_norms"] = True
+    with pytest.raises(ConfigError, match=r"train.log_grad_norms=true .* ZeRO-3"):
+        resolve(config_from_dict(recipe))
+    recipe["train"]["log_grad_norms"] = False
+    resolve(config_from_dict(recipe))  # the same recipe without the diagnostic resolves
