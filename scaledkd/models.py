@@ -178,7 +178,7 @@ def load_config(path: str, task: TaskKind, num_labels: int = 0) -> PretrainedCon
 
 def load_pretrained(path: str, task: TaskKind, num_labels: int = 0, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """Load a pretrained model with the head the task needs (classification head with ``num_labels``,
-    a regression head, a bare encoder, or a causal-LM head).
+    a regression head, a bare encoder, or a causal-LM head), its weights in ``dtype`` (None: fp32).
 
     Raises:
         ValueError: the config or the weights cannot be read (missing, truncated, corrupt); the message names the
@@ -189,11 +189,10 @@ def load_pretrained(path: str, task: TaskKind, num_labels: int = 0, dtype: torch
     local, gguf = _gguf_kwargs(path)
     config = load_config(path, task, num_labels)
     check_supported(config, path)
-    # A GGUF file's tensors are dequantised to this dtype (fp32 when the run does not ask for bf16/fp16).
-    kwargs = {"dtype": dtype if dtype is not None else torch.float32} if gguf else {}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    kwargs.update(gguf)
+    # The weights come in the run's dtype, fp32 when it does not ask for bf16/fp16, whatever the file stores
+    # (transformers' own default keeps the checkpoint's, e.g. bf16), as the ZeRO-3 partitioned load casts them; a
+    # GGUF file's tensors are dequantised to it.
+    kwargs = {"dtype": dtype if dtype is not None else torch.float32, **gguf}
     folder = Path(local).expanduser()
     try:
         model = None

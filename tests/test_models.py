@@ -202,6 +202,17 @@ def test_load_pretrained_heads_and_build_student(tmp_path, batch):
     assert models.count_parameters(student) == sum(p.numel() for p in student.parameters())
 
 
+def test_a_bf16_checkpoint_loads_in_the_dtype_asked_for(tmp_path):
+    """train.precision fp32 passes dtype=None: the weights come in fp32 whatever the file stores, as the ZeRO-3
+    partitioned load (zero3_load) casts them; transformers alone would keep a bf16 checkpoint in bf16, so the
+    teacher's dtype would depend on its layout and a pretrained student would train in bf16 under an fp32 engine."""
+    tiny_model("llama", task="causal_lm", layers=1).to(torch.bfloat16).save_pretrained(tmp_path)
+    assert models.load_pretrained(str(tmp_path), "causal_lm").dtype == torch.float32
+    assert models.load_pretrained(str(tmp_path), "causal_lm", dtype=torch.bfloat16).dtype == torch.bfloat16
+    student = models.build_student(StudentConfig(init="pretrained", path=str(tmp_path)), None, "causal_lm", 0)
+    assert {p.dtype for p in student.parameters()} == {torch.float32}
+
+
 def test_unsupported_model_type(tmp_path):
     AutoConfig.for_model("t5", vocab_size=100, d_model=32, num_layers=1, num_heads=2, d_ff=64,
                          d_kv=16).save_pretrained(tmp_path)

@@ -19,16 +19,16 @@ pytestmark = pytest.mark.multiproc
 TIMEOUT = 240
 
 
-def _llama(folder: Path, tied: bool) -> Path:
+def _llama(folder: Path, tied: bool, dtype: torch.dtype = torch.float32) -> Path:
     """A tiny Llama with odd-sized tensors (width 45, vocab 1001: every partition of 2 or 3 ranks is padded),
-    saved as several safetensors shards."""
+    saved in ``dtype`` as several safetensors shards."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(1)
     config = AutoConfig.for_model("llama", vocab_size=1001, hidden_size=45, head_dim=16, num_attention_heads=3,
                                   num_key_value_heads=1, intermediate_size=77, num_hidden_layers=3,
                                   max_position_embeddings=64, tie_word_embeddings=tied)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder, max_shard_size="60KB")
+    AutoModelForCausalLM.from_config(config).to(dtype).save_pretrained(folder, max_shard_size="60KB")
     return folder
 
 
@@ -89,9 +89,11 @@ def test_a_truncated_file_is_named(tmp_path):
 def test_partitioned_load_equals_a_plain_load(tmp_path, nproc):
     assert len(list(_llama(tmp_path / "llama", tied=False).glob("*.safetensors"))) > 1, "not sharded: test is weak"
     _llama(tmp_path / "llama_tied", tied=True)
+    _llama(tmp_path / "llama_bf16", tied=False, dtype=torch.bfloat16)  # a bf16 file in an fp32 run: cast to fp32
     make_tiny_bert(tmp_path / "bert")
     _legacy_names(tmp_path / "bert", tmp_path / "bert_legacy")
     specs = [f"{tmp_path / 'llama'}:causal_lm:0:fp32", f"{tmp_path / 'llama_tied'}:causal_lm:0:bf16",
+             f"{tmp_path / 'llama_bf16'}:causal_lm:0:fp32",
              f"{tmp_path / 'bert'}:classification:2:fp32", f"{tmp_path / 'bert_legacy'}:classification:2:fp32"]
     out = tmp_path / "report.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
@@ -106,4 +108,5 @@ def test_partitioned_load_equals_a_plain_load(tmp_path, nproc):
         expected = "bert_legacy" not in spec
         assert result["partitioned"] == expected, f"{spec}: partitioned loader ran: {result['partitioned']}"
         assert result["max_abs_diff"] == 0.0, (spec, result)
+        assert result["dtypes"] == [result["dtypes"][0]] * 2, (spec, result)  # partitioned, plain
         assert result["logits_diff"] < 1e-5, (spec, result)

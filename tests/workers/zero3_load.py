@@ -1,7 +1,8 @@
 """torchrun worker: models loaded partition by partition under ZeRO-3 (scaledkd.zero3_load) hold exactly the
 weights of a plain load. argv: OUT_JSON FOLDER:TASK:NUM_LABELS:DTYPE ...  Rank 0 writes, per model,
 {"partitioned": the partitioned loader ran (not transformers' fallback), "max_abs_diff": over every gathered
-parameter and buffer, "logits_diff": forward through a DeepSpeed engine against the plain model}."""
+parameter and buffer, "dtypes": the parameters' dtypes of both loads, "logits_diff": forward through a DeepSpeed
+engine against the plain model}."""
 from __future__ import annotations
 
 import json
@@ -43,6 +44,7 @@ def main(out: str, specs: list[str]) -> None:
         partitioned = seen.partitioned == before + 1 and all(hasattr(p, "ds_id") for p in sharded.parameters())
         with ds.load_context(None):
             plain = models.load_pretrained(folder, task, int(num_labels), dtype)
+        dtypes = [sorted({str(p.dtype) for p in model.parameters()}) for model in (sharded, plain)]
         diff = 0.0
         reference = dict(plain.named_parameters())
         for name, param in sharded.named_parameters():
@@ -57,7 +59,7 @@ def main(out: str, specs: list[str]) -> None:
         ids = torch.randint(5, 900, (2, 9))
         with torch.no_grad():
             logits_diff = (engine(input_ids=ids).logits.float() - plain(input_ids=ids).logits.float()).abs().max().item()
-        report[spec] = {"partitioned": partitioned, "max_abs_diff": diff, "logits_diff": logits_diff}
+        report[spec] = {"partitioned": partitioned, "max_abs_diff": diff, "dtypes": dtypes, "logits_diff": logits_diff}
     if dist.is_main():
         with open(out, "w") as f:
             json.dump(report, f)
