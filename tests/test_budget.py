@@ -272,6 +272,10 @@ def test_early_stopping_stops_before_the_epochs_and_never_trains_on_the_holdout(
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in log if x.get("event") == "holdout"] == [3, 6, 9]
     assert [x["step"] for x in log if x.get("event") == "early_stop"] == [9]
+    # The stop's evaluation at step 9 is the final one: not run and recorded a second time.
+    assert [x["step"] for x in log if x.get("event") == "eval"] == [3, 6, 9]
+    assert [x["step"] for x in metrics["history"]] == [3, 6, 9]
+    assert metrics["final"] == {k: v for k, v in metrics["history"][-1].items() if k != "step"}
     assert max(x["step"] for x in log if "loss" in x and "event" not in x) == 9
 
 

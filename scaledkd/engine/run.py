@@ -354,8 +354,12 @@ def _train(run: Run, logfile: _Log) -> dict[str, Any]:
     if bar is not None:
         bar.close()
 
-    final = evaluate(run)
-    _record_eval(state, step, final, logfile)
+    last = state["history"][-1] if state["history"] else None
+    if last is not None and last["step"] == step:  # an early stop at an evaluation: the student has not moved since
+        final = {k: v for k, v in last.items() if k != "step"}
+    else:  # every rank alike (a collective under ZeRO-3): each holds the same history
+        final = evaluate(run)
+        _record_eval(state, step, final, logfile)
     if step > 0 and not (run.run_dir / checkpoint.CHECKPOINTS / f"step_{step}").is_dir():
         checkpoint.save(engine, run.run_dir, step, state, keep=keep,
                         data_state=run.batches.state_dict())  # the end: `scaledkd export` works afterwards
