@@ -32,26 +32,31 @@ def last_hidden(out) -> torch.Tensor:
 
 @torch.no_grad()
 def predict(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], task: str
-            ) -> tuple[list[float | int], list[float | int]]:
-    """Predictions and references of a classification/regression model over ``batches``."""
+            ) -> tuple[list[float | int], list[float | int], float]:
+    """Predictions and references of a classification/regression model over ``batches``, and the mean task loss
+    per row against the references: cross-entropy of the ``[B, C]`` logits, or MSE of the ``[B, 1]`` regression
+    output (early stopping's ``loss`` metric)."""
     was_training = model.training
     model.eval()
     preds: list = []
     refs: list = []
+    loss_sum = 0.0
     for batch in batches:
         logits = model(**model_inputs(batch)).logits.float()
         if task == "regression":
-            preds += logits.squeeze(-1).tolist()
-            refs += batch["labels"].float().tolist()
+            out, labels = logits.squeeze(-1), batch["labels"].float()
+            loss_sum += F.mse_loss(out, labels, reduction="sum").item()
         else:
-            preds += logits.argmax(-1).tolist()
-            refs += batch["labels"].long().tolist()
+            out, labels = logits.argmax(-1), batch["labels"].long()
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        preds += out.tolist()
+        refs += labels.tolist()
     model.train(was_training)
-    return preds, refs
+    return preds, refs, loss_sum / max(1, len(refs))
 
 
 def evaluate_task(model: nn.Module, batches: Iterable, task: str, metric_name: str) -> dict[str, float]:
-    preds, refs = predict(model, batches, task)
+    preds, refs, _ = predict(model, batches, task)
     return compute_metrics(metric_name, preds, refs)
 
 

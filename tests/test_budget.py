@@ -171,6 +171,34 @@ def test_early_stopping_rule_and_floor():
     assert stops == [False, False, False, True] and record["best_step"] == 20
 
 
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_holdout_scores_are_the_dev_metrics_plus_the_task_loss(task):
+    """The holdout is scored as the dev set is (the same predictions, so the same metrics) plus the mean task loss
+    over its rows (cross-entropy, or MSE for regression), here worked out on the model's own logits."""
+    import torch
+    import torch.nn.functional as F
+
+    from scaledkd.engine.early_stopping import holdout_scores
+    from scaledkd.evaluation import evaluate_task
+    from tests.conftest import make_batch, tiny_model
+
+    labels = 1 if task == "regression" else 3
+    model = tiny_model("bert", num_labels=labels)
+    batches = [make_batch(3, seed=1, num_labels=3), make_batch(2, seed=2, num_labels=3)]  # uneven: a row mean
+    if task == "regression":
+        for b in batches:
+            b["labels"] = b["labels"].float() / 2
+    metric = "stsb" if task == "regression" else "sst2"
+    got = holdout_scores(model, batches, task, metric)
+    with torch.no_grad():
+        logits = torch.cat([model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                            for b in batches])
+    gold = torch.cat([b["labels"] for b in batches])
+    want = (F.mse_loss(logits.squeeze(-1), gold) if task == "regression" else F.cross_entropy(logits, gold))
+    assert got["loss"] == pytest.approx(float(want), rel=1e-5)
+    assert {k: v for k, v in got.items() if k != "loss"} == evaluate_task(model, batches, task, metric)
+
+
 # ------------------------------------------------------------------------------------------ config errors
 
 

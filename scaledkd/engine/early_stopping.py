@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import (
@@ -26,7 +25,8 @@ from ..config import (
     EarlyStoppingConfig,
 )
 from ..data import TaskSpec
-from ..inputs import eval_batches, model_inputs
+from ..evaluation import predict
+from ..inputs import eval_batches
 from ..metrics import compute_metrics
 from . import dist
 
@@ -66,26 +66,8 @@ def holdout_scores(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor
 
     Shapes: logits ``[B, C]`` (``[B, 1]`` for regression), labels ``[B]``.
     """
-    was_training = model.training
-    model.eval()
-    preds: list = []
-    refs: list = []
-    loss_sum, n = 0.0, 0
-    for batch in batches:
-        logits = model(**model_inputs(batch)).logits.float()
-        labels = batch["labels"]
-        if task == "regression":
-            out = logits.squeeze(-1)
-            loss_sum += F.mse_loss(out, labels.float(), reduction="sum").item()
-            preds += out.tolist()
-            refs += labels.float().tolist()
-        else:
-            loss_sum += F.cross_entropy(logits, labels.long(), reduction="sum").item()
-            preds += logits.argmax(-1).tolist()
-            refs += labels.long().tolist()
-        n += labels.numel()
-    model.train(was_training)
-    return {**compute_metrics(metric_name, preds, refs), "loss": loss_sum / max(1, n)}
+    preds, refs, loss = predict(model, batches, task)  # the dev evaluation's own predictions
+    return {**compute_metrics(metric_name, preds, refs), "loss": loss}
 
 
 def initial_state() -> dict[str, Any]:
