@@ -307,6 +307,16 @@ def test_early_stopping_stops_before_the_epochs_and_never_trains_on_the_holdout(
     assert max(x["step"] for x in log if "loss" in x and "event" not in x) == 9
 
 
+def test_an_early_stop_between_logged_steps_logs_its_last_window(tmp_path, tiny_assets, _repo_cwd):
+    """log_every=4 and a stop at step 9: steps 9's window (one step) is written like the run's last step is, not
+    dropped with its losses and timing."""
+    run, metrics = _train(_early_stopping_recipe(tmp_path, tiny_assets, log_every=4))
+    assert metrics["steps"] == 9
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log if "loss" in x and "event" not in x] == [4, 8, 9]
+    assert run.timer.run_steps == 9  # the run's step-time totals (metrics.json speed) cover every step
+
+
 def test_early_stopping_waits_for_min_steps(tmp_path, tiny_assets, _repo_cwd):
     _, metrics = _train(_early_stopping_recipe(tmp_path, tiny_assets, min_steps=14))
     assert metrics["budget"]["rule"] == "epochs"  # 45 steps from epochs: the floor only holds early stopping back

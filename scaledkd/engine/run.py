@@ -389,6 +389,23 @@ def _loop(run: Run, state: dict[str, Any], logfile: _Log, bar, stops: StopReques
     timer = run.timer
     last_save = time.monotonic()
     stopper = run.early_stopping
+
+    def log_window(step: int, end: float) -> None:
+        """One log record for the steps since the last (mean terms, rates, step-time split); a new window."""
+        nonlocal window, counts, window_n, tic
+        elapsed = end - tic
+        steps_in_window = max(1, window_n // cfg.train.grad_accum)
+        phases = timer.take(steps_in_window, elapsed)
+        record = {"step": step, **{k: v / counts[k] for k, v in window.items()},
+                  "lr": engine.get_lr()[0], "samples_per_s": samples_per_step * steps_in_window / elapsed,
+                  "tokens_per_s": phases.pop("tokens") * dist.world_size() / elapsed, **phases}
+        if run.on_policy is not None:
+            record.update(run.on_policy.take(steps_in_window))
+        logfile.write(record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_s'] or 0:.1f}")
+        window, counts, window_n, tic = {}, {}, 0, time.perf_counter()
+
     while step < total_steps and not (state.get(EARLY_STOPPING) or {}).get("stopped"):
         epoch, skip = divmod(state["micro"], batches.per_epoch)
         for batch in batches(epoch, skip):
@@ -406,19 +423,9 @@ def _loop(run: Run, state: dict[str, Any], logfile: _Log, bar, stops: StopReques
             if state["micro"] % cfg.train.grad_accum:
                 continue  # inside an accumulation window: DeepSpeed has not stepped yet
             step = state["step"] = step + 1
+            step_end = time.perf_counter()
             if step % cfg.train.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - tic
-                steps_in_window = max(1, window_n // cfg.train.grad_accum)
-                phases = timer.take(steps_in_window, elapsed)
-                record = {"step": step, **{k: v / counts[k] for k, v in window.items()},
-                          "lr": engine.get_lr()[0], "samples_per_s": samples_per_step * steps_in_window / elapsed,
-                          "tokens_per_s": phases.pop("tokens") * dist.world_size() / elapsed, **phases}
-                if run.on_policy is not None:
-                    record.update(run.on_policy.take(steps_in_window))
-                logfile.write(record)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_s'] or 0:.1f}")
-                window, counts, window_n, tic = {}, {}, 0, time.perf_counter()
+                log_window(step, step_end)
             if bar is not None:
                 bar.update(1)
             is_eval = cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps
@@ -430,6 +437,8 @@ def _loop(run: Run, state: dict[str, Any], logfile: _Log, bar, stops: StopReques
                     early_stop = stopper.check(engine.module.student, step, state, logfile.write)
                 if cfg.train.export == "best" and state["best"] and state["best"]["step"] == step:
                     best_state = gather_student_state(engine.module)
+            if early_stop and window_n:  # the run ends mid-window: its last steps are logged as a last step is
+                log_window(step, step_end)
             on_schedule = bool(cfg.train.save_every and step % cfg.train.save_every == 0)
             on_time = bool(cfg.train.save_every_min and time.monotonic() - last_save >= 60 * cfg.train.save_every_min)
             stop, save = dist.any_across_ranks([stops.requested, on_schedule or on_time])
