@@ -109,3 +109,29 @@ def test_a_zero3_student_is_refused_before_any_model_loads(tiny_assets, tmp_path
         resolve(config_from_dict(recipe))
     recipe["train"]["log_grad_norms"] = False
     resolve(config_from_dict(recipe))  # the same recipe without the diagnostic resolves
+
+
+def test_the_diagnostic_leaves_the_training_step_as_it_was(tiny_assets, tmp_path):
+    """With dropout on, the measuring forward must not draw from the generator the step's own forward draws its
+    masks from: the same step with and without train.log_grad_norms gives the same terms and the same weights."""
+    from scaledkd.engine import run as run_mod
+
+    teacher, data_dir = tiny_assets
+    results = []
+    for norms in (False, True):
+        recipe = tiny_recipe(tmp_path / str(norms), teacher, data_dir,
+                             losses=[{"name": "task", "weight": 0.5}, {"name": "logit_kd", "weight": 0.5}])
+        run = run_mod.setup(resolve(config_from_dict(recipe)))
+        student = run.engine.module.student
+        for m in student.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.3  # the tiny teacher's config has dropout off
+        batch = next(iter(run.batches(0)))
+        torch.manual_seed(5)
+        terms = distill_step(run.engine, run.teacher, batch, grad_norms=norms)
+        assert any(k.startswith(GRAD_NORM) for k in terms) == norms
+        results.append(({k: v for k, v in terms.items() if not k.startswith(GRAD_NORM)},
+                        [p.detach().clone() for p in student.parameters()]))
+    (plain, plain_weights), (measured, measured_weights) = results
+    assert measured == plain
+    assert all(torch.equal(a, b) for a, b in zip(plain_weights, measured_weights, strict=True))

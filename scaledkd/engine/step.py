@@ -180,8 +180,9 @@ def _grad_norms(engine, batch: dict[str, torch.Tensor], t_out) -> dict[str, floa
 
     The module runs a forward of its own, outside the DeepSpeed engine: the engine hooks the outputs of its forward
     so that any backward through them is its managed backward (refused outside ``engine.backward`` under ZeRO-0,
-    divided by the accumulation steps otherwise). One extra student forward on logged steps is the price; with
-    dropout on it draws its own masks."""
+    divided by the accumulation steps otherwise). One extra student forward on logged steps is the price. It runs
+    on a copy of the random state, so with dropout on it draws the very masks the step's own forward then draws:
+    the norms are this step's, and the run trains as it would without the diagnostic."""
     module = getattr(engine, "module", engine)
     params = [p for p in module.student.parameters() if p.requires_grad]
     if not params:  # a frozen student (TED's stage I): nothing of the student's to measure
@@ -189,5 +190,7 @@ def _grad_norms(engine, batch: dict[str, torch.Tensor], t_out) -> dict[str, floa
     if any(hasattr(p, "ds_id") for p in params):
         raise ConfigError("train.log_grad_norms=true needs whole student parameters on every rank; under ZeRO-3 "
                           "they are partitioned. Use a ZeRO 0-2 student.ds_config for the diagnostic run")
-    _, terms = module(batch, t_out)
-    return term_grad_norms(terms, module.weights, params)
+    devices = [params[0].device] if params[0].device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        _, terms = module(batch, t_out)
+        return term_grad_norms(terms, module.weights, params)
