@@ -368,7 +368,8 @@ def optimizer_temporaries(numels: Sequence[int], ds_config: dict[str, Any], n: i
     """Bytes torch AdamW allocates for one step beyond its states: ``ADAM_TEMPORARIES[device]`` fp32 copies of
     what one update call covers. ZeRO-1/2/3 hand it the rank's flat fp32 partition (``P / N`` elements at once);
     ZeRO-0 the parameters one tensor at a time (the largest tensor). They exist after backward, when the activations
-    are gone, so :func:`make_plan` counts only what exceeds the activations and the modules ZeRO-3 gathers."""
+    are gone, so :func:`make_plan` counts only what exceeds the activations and the modules ZeRO-3 gathers (all of
+    them when a GPU run's optimizer steps in host memory)."""
     per_call = sum(numels) / n if zero_stage(ds_config) > 0 else max(numels, default=0)
     return float(ADAM_TEMPORARIES[device] * 4 * per_call)
 
@@ -400,12 +401,16 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, headroom: float = DEFAULT_HEAD
                                     student.largest_module, student.hidden, resident_only=device == "cpu")
             total = t_bytes.merged(s_bytes)
             total.add("activations", activations)
-            # The step's temporaries come after backward freed the activations and the gathered modules.
+            # The step's temporaries come after backward freed the activations and the gathered modules, in the
+            # same memory unless a GPU run offloads the optimizer: it then steps in host memory, where nothing was
+            # freed for them (on CPU ranks host and device memory are one).
             forward_live = activations + t_bytes.both("comm_buffers")
             if zero_stage(s_config) == 3:
                 forward_live += _gathered(student.largest_module, s_config, weight_bytes(precision))
+            on_host = offloaded(s_config, "optimizer")
+            room = 0.0 if on_host and device == "cuda" else forward_live
             temporaries = optimizer_temporaries(student.numels, s_config, gpus, device)
-            total.add("transient", max(0.0, temporaries - forward_live), on_host=offloaded(s_config, "optimizer"))
+            total.add("transient", max(0.0, temporaries - room), on_host=on_host)
             layouts.append(Layout(t_name, s_name, total, total.device_total <= gpu_mem_gib * GiB * (1 - headroom)))
     return Plan(teacher, student, gpus, gpu_mem_gib, headroom, precision, train.batch_size, cfg.data.max_length,
                 layouts)

@@ -239,6 +239,18 @@ def test_the_optimizer_step_counts_only_what_exceeds_the_activations_and_gathere
         plan.make_plan(cfg, 8, 80, sizes=SIZES, device="tpu")
 
 
+def test_an_offloaded_optimizer_steps_in_host_memory_no_activation_freed():
+    """On GPUs an offloaded optimizer's temporaries are host memory: the GPU activations backward freed leave no
+    room for them there, so all of them count (on CPU ranks host and device memory are one, and they do)."""
+    cfg = config_from_dict(recipe_dict("teacher-7b", precision="bf16", batch_size=8, grad_accum=1))
+    config = read_ds_config(plan.STUDENT_LAYOUTS["zero3_offload"])
+    gpu = {(x.teacher, x.student): x.bytes for x in plan.make_plan(cfg, 8, 80, sizes=SIZES).layouts}
+    z3_offload = gpu[("zero3", "zero3_offload")]
+    temporaries = plan.optimizer_temporaries(SIZES[1].numels, config, 8, "cuda")
+    assert temporaries > 0 and z3_offload.host["transient"] == pytest.approx(temporaries)
+    assert "transient" not in z3_offload.device
+
+
 def test_head_chunked_logit_losses_plan_no_full_logits():
     student = synthetic(100, 4, 1024, "student")
     lm = dataclasses.replace(student, lm_head=True, vocab=128_000)
