@@ -20,6 +20,7 @@ from .files import write_text_atomic
 HISTORY_FILE = "config_history.yaml"
 
 # Keys that do not change what a resumed run computes (where it writes, how often it logs/evaluates/saves).
+# train.eval_every leaves this set when early stopping is on (_not_trajectory).
 NOT_TRAJECTORY = frozenset({
     "output_dir", "overwrite", "recipe_path", "plugins", "stages",
     "train.resume", "train.resume_allow_changes", "train.progress", "train.log_every", "train.eval_every",
@@ -37,12 +38,19 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: node}
 
 
+def _not_trajectory(saved: dict[str, Any], now: dict[str, Any]) -> frozenset[str]:
+    """NOT_TRAJECTORY for this pair of configs: with early stopping on in either, ``train.eval_every`` decides
+    when the holdout is scored and ``patience`` counts those evaluations, so it decides the step the run stops at."""
+    early = any(isinstance(cfg.get("train"), dict) and cfg["train"].get("early_stopping") for cfg in (saved, now))
+    return NOT_TRAJECTORY - {"train.eval_every"} if early else NOT_TRAJECTORY
+
+
 def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``{dotted key: (saved value, new value)}`` for every trajectory key whose value differs."""
     a, b = _flatten(saved), _flatten(now)
     changed = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
-    return {k: v for k, v in changed.items()
-            if k not in NOT_TRAJECTORY and not any(k.startswith(f"{n}.") for n in NOT_TRAJECTORY)}
+    skip = _not_trajectory(saved, now)
+    return {k: v for k, v in changed.items() if k not in skip and not any(k.startswith(f"{n}.") for n in skip)}
 
 
 def _allowed(key: str, allow: list[str]) -> bool:

@@ -87,3 +87,25 @@ def test_a_resume_that_changes_the_trajectory_is_refused_before_anything_is_writ
     history = yaml.safe_load((tmp_path / "run" / "config_history.yaml").read_text())
     assert history[-1]["changed"]["train.max_steps"] == {"was": 2, "now": 4}
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["max_steps"] == 4
+
+
+def _resolved(tmp_path: Path, **overrides) -> dict:
+    from scaledkd.config import config_from_dict
+
+    return config_from_dict(tiny_recipe(tmp_path, tmp_path / "teacher", tmp_path / "glue", **overrides)).to_dict()
+
+
+def test_eval_every_is_a_trajectory_key_only_when_early_stopping_is_on(tmp_path):
+    from scaledkd.resume import config_changes
+
+    early = {"holdout": 0.1, "patience": 2}
+    # Without early stopping, eval_every only decides when the dev set is scored: a free change.
+    assert config_changes(_resolved(tmp_path, train__eval_every=4), _resolved(tmp_path, train__eval_every=8)) == {}
+    # With it, patience counts evaluations, so eval_every decides the stop step: refused in either direction of
+    # turning it on or off, and when it stays on.
+    on4 = _resolved(tmp_path, train__eval_every=4, train__early_stopping=early)
+    on8 = _resolved(tmp_path, train__eval_every=8, train__early_stopping=early)
+    assert config_changes(on4, on8) == {"train.eval_every": (4, 8)}
+    assert config_changes(on4, _resolved(tmp_path, train__eval_every=8))["train.eval_every"] == (4, 8)
+    assert config_changes(_resolved(tmp_path, train__eval_every=4), on8)["train.eval_every"] == (4, 8)
+    assert config_changes(on4, on4) == {}
