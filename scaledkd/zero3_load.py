@@ -173,6 +173,22 @@ def _checkpoint_names(model: PreTrainedModel, handles: dict[str, object]) -> dic
     return names
 
 
+def _shape_mismatch(folder: Path, key: str, stored: tuple[int, ...], name: str, wanted: tuple[int, ...],
+                    num_labels: int) -> str:
+    """The error for checkpoint tensor ``key`` (shape ``stored``) that cannot fill the model's ``name`` (``wanted``).
+
+    The model is built from the folder's own config.json, so only what the run changes in it can disagree with
+    the weights: the task's ``num_labels``, i.e. a classifier head trained for another label set.
+    """
+    head = len(stored) == len(wanted) >= 1 and stored[1:] == wanted[1:] and wanted[0] == num_labels
+    cause = (f"the checkpoint's head has {stored[0]} outputs and this run's task has num_labels={num_labels}"
+             if head else f"the run's task sets num_labels={num_labels} and the checkpoint's head may have another "
+                          "number of outputs; failing that, config.json does not describe these weights")
+    return (f"{folder}: checkpoint tensor {key!r} has shape {list(stored)}, but the model built for this run needs "
+            f"{name!r} with shape {list(wanted)}. Likely cause: a head for a different number of labels ({cause}). "
+            "Use a checkpoint for this task's labels, or its base model without the task head")
+
+
 def load_partitioned(folder: Path, config: PretrainedConfig, model_class,
                      dtype: torch.dtype | None = None) -> PreTrainedModel | None:
     """``model_class`` (an Auto class) from the safetensors of ``folder``, partitioned across the ZeRO-3 group.
@@ -210,8 +226,7 @@ def load_partitioned(folder: Path, config: PretrainedConfig, model_class,
                 continue
             param = params[name]
             if stored != tuple(param.ds_shape):
-                raise ValueError(f"{folder}: checkpoint tensor {key!r} has shape {list(stored)}, the model's {name!r} "
-                                 f"{list(param.ds_shape)} (config.json does not describe these weights)")
+                raise ValueError(_shape_mismatch(folder, key, stored, name, tuple(param.ds_shape), config.num_labels))
             part = param.ds_tensor
             size = part.ds_numel
             start = size * param.ds_zero_partition_rank

@@ -110,3 +110,21 @@ def test_partitioned_load_equals_a_plain_load(tmp_path, nproc):
         assert result["max_abs_diff"] == 0.0, (spec, result)
         assert result["dtypes"] == [result["dtypes"][0]] * 2, (spec, result)  # partitioned, plain
         assert result["logits_diff"] < 1e-5, (spec, result)
+
+
+def test_a_head_for_another_number_of_labels_is_named_as_the_likely_cause(tmp_path):
+    """A checkpoint fine-tuned on 3 labels loaded for a 2-label task: the model is built from its config.json with
+    the task's num_labels, so only the head disagrees; the error names the tensor, both shapes and that cause."""
+    from scaledkd import ds_config, models
+    from scaledkd.config import TrainConfig
+    from scaledkd.engine import dist, ds
+
+    folder = make_tiny_bert(tmp_path / "bert3", num_labels=3)
+    dist.init(120)
+    cfg = ds_config.teacher_ds_config(ds_config.read_ds_config(str(REPO / "ds_configs" / "teacher_zero3.json")),
+                                      TrainConfig(batch_size=2), dist.world_size())
+    with ds.load_context(cfg), pytest.raises(ValueError) as err:
+        models.load_pretrained(str(folder), "classification", 2)
+    message = str(err.value)
+    assert "'classifier.weight'" in message and "[3, 64]" in message and "[2, 64]" in message, message
+    assert "different number of labels" in message and "num_labels=2" in message and "3 outputs" in message, message
