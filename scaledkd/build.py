@@ -38,7 +38,7 @@ from .config import (
     stage_refs,
 )
 from .ds_config import fill_bucket_sizes, read_ds_config, student_ds_config, teacher_ds_config, zero_stage
-from .engine.budget import Budget, plan_budget
+from .engine.budget import Budget, micro_batches_per_epoch, plan_budget
 from .engine.early_stopping import check_early_stopping
 from .files import FINISHED_MARKER, is_run_folder
 from .losses import LOSSES, DistillLoss, LossSetup, build_loss
@@ -262,11 +262,8 @@ def resolve(cfg: Config, *, world_size: int | None = None, check_output: bool = 
     if load_data:
         examples = {split: data.load_examples(cfg.data, split, cfg.train.seed) for split in ("train", "dev")}
         n_train = None if task == "causal_lm" else len(examples["train"])  # LM documents become rows later
-        if n_train is not None and n_train < cfg.train.batch_size * world_size:
-            raise ConfigError(
-                f"the training set has {n_train} examples, fewer than one global batch "
-                f"({cfg.train.batch_size} x {world_size} ranks); lower train.batch_size"
-            )
+        if n_train is not None:  # before the holdout: its own check (plan.budget) would blame the holdout
+            micro_batches_per_epoch(n_train, cfg.train.batch_size, world_size)
     plan = RunPlan(cfg=cfg, spec=spec, task=task, world_size=world_size, teacher_path=teacher_path,
                    student_source=source, student_layers=layers, teacher_config=t_config, student_config=s_config,
                    ds_teacher=ds_teacher, ds_student=ds_student, losses=losses, examples=examples,

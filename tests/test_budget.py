@@ -138,6 +138,15 @@ def test_plan_budget_rule():
         plan_budget(TrainConfig(), None, 1)  # a stream has no epochs
 
 
+def test_fewer_rows_than_a_global_batch_names_the_batch_it_would_take():
+    with pytest.raises(ConfigError) as err:
+        plan_budget(TrainConfig(batch_size=32), 50, 2)
+    assert "fewer than one global batch of 64 (train.batch_size=32 x 2 ranks); lower train.batch_size to at most " \
+           "25" in str(err.value)
+    with pytest.raises(ConfigError, match="train on more examples or on fewer ranks"):
+        plan_budget(TrainConfig(batch_size=1), 3, 4)  # not even one row per rank
+
+
 def test_holdout_is_seeded_disjoint_and_removed_from_the_budget():
     train = TrainConfig(batch_size=8, epochs=1, eval_every=5, early_stopping={"holdout": 0.1})
     kept, held = holdout_split(635, train)

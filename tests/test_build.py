@@ -86,7 +86,9 @@ REFUSALS = {
     "mapping_out_of_range": (_losses({"name": "hidden_mse", "mapping": [[1, 7]]}), "teacher layer 7 is out of range"),
     "unknown_param": (_losses({"name": "logit_kd", "params": {"temp": 2}}), "has no parameter 'temp'"),
     "batch_larger_than_data": (_set("train", batch_size=1000, max_steps=3, lr=1e-3, log_every=1, progress=False,
-                                    dist_timeout_s=120), "fewer than one global batch"),
+                                    dist_timeout_s=120),
+                               ("fewer than one global batch of 1000 (train.batch_size=1000 x 1 ranks); lower "
+                                "train.batch_size to at most 96")),
     "bad_zero_stage": (_bad_ds_config, "zero_optimization.stage='three' is not valid"),
     "finished_output_dir": (_finished_run, "already holds a finished run"),
     "foreign_output_dir": (_foreign_files, "is not empty"),

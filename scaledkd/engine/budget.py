@@ -77,8 +77,10 @@ def micro_batches_per_epoch(rows: int, batch_size: int, world_size: int) -> int:
     """
     per_epoch = rows // (batch_size * world_size)
     if per_epoch == 0:
-        raise ConfigError(f"the training set has {rows} examples, fewer than one global batch "
-                          f"({batch_size} x {world_size} ranks); lower train.batch_size")
+        fits = rows // world_size  # the largest per-rank batch these rows fill once
+        fix = f"lower train.batch_size to at most {fits}" if fits else "train on more examples or on fewer ranks"
+        raise ConfigError(f"the training set has {rows} examples, fewer than one global batch of "
+                          f"{batch_size * world_size} (train.batch_size={batch_size} x {world_size} ranks); {fix}")
     return per_epoch
 
 
