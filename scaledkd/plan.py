@@ -70,6 +70,8 @@ STUDENT_COST = {"zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3, "zero2_offload":
 CATEGORIES = ("teacher_params", "student_params", "master_params", "optimizer_states", "gradients", "comm_buffers",
               "other", "activations", "transient")
 DEVICES = ("cuda", "cpu")
+# What one data-parallel rank runs on, as the table names it (under --device cpu, --gpus counts CPU ranks).
+RANK_NAME = {"cuda": "GPU", "cpu": "CPU rank"}
 # torch AdamW's temporaries per element it updates, beyond its states (measured on CPU ranks, benchmarks/scale.py:
 # the single-tensor path makes sqrt(v) and sqrt(v)/c2 before the in-place update, with DeepSpeed's fp32 gradient
 # view: 3 copies of the flat fp32 partition at the step). On CUDA the foreach path makes one sqrt copy; the gradient
@@ -343,6 +345,12 @@ class Plan:
     batch: int
     seq: int
     layouts: list[Layout]
+    device: str = "cuda"
+
+    @property
+    def rank_name(self) -> str:
+        """``GPU`` or ``CPU rank``: what the per-rank numbers are per."""
+        return RANK_NAME[self.device]
 
     @property
     def usable_bytes(self) -> float:
@@ -413,7 +421,7 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, headroom: float = DEFAULT_HEAD
             total.add("transient", max(0.0, temporaries - room), on_host=on_host)
             layouts.append(Layout(t_name, s_name, total, total.device_total <= gpu_mem_gib * GiB * (1 - headroom)))
     return Plan(teacher, student, gpus, gpu_mem_gib, headroom, precision, train.batch_size, cfg.data.max_length,
-                layouts)
+                layouts, device)
 
 
 def _gib(x: float) -> str:
@@ -425,11 +433,13 @@ def _millions(n: int) -> str:
 
 
 def format_plan(plan: Plan) -> str:
-    """The plan as a table (GiB per GPU) with the recommendation underneath."""
+    """The plan as a table (GiB per GPU, or per CPU rank under ``device="cpu"``) with the recommendation
+    underneath."""
+    unit = plan.rank_name
     lines = [
-        f"scaledkd plan: {plan.gpus} GPU(s) x {plan.gpu_mem_gib:g} GiB, headroom {plan.headroom:.0%} -> "
-        f"{_gib(plan.usable_bytes)} GiB usable per GPU; precision {plan.precision}, micro-batch {plan.batch} x "
-        f"{plan.seq} tokens per GPU",
+        f"scaledkd plan: {plan.gpus} {unit}(s) x {plan.gpu_mem_gib:g} GiB, headroom {plan.headroom:.0%} -> "
+        f"{_gib(plan.usable_bytes)} GiB usable per {unit}; precision {plan.precision}, micro-batch {plan.batch} x "
+        f"{plan.seq} tokens per {unit}",
     ]
     if plan.teacher is not None:
         lines.append(f"teacher {plan.teacher.name}: {_millions(plan.teacher.params)} params, {plan.teacher.layers} "
@@ -437,7 +447,9 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"student {plan.student.name}: {_millions(plan.student.params)} params (with distillation "
                  f"projections), {plan.student.layers} layers, width {plan.student.hidden}")
     lines.append("")
-    header = ("teacher", "student", "teacher", "weights", "master", "adam", "grads", "buffers", "activ.", "GPU total",
+    total = f"{unit.split()[-1]} total"  # "GPU total" / "rank total"
+    host = "CPU RAM per GPU" if plan.device == "cuda" else "on CPU ranks, the same RAM"
+    header = ("teacher", "student", "teacher", "weights", "master", "adam", "grads", "buffers", "activ.", total,
               "host", "fits")
     widths = (13, 13, 8, 8, 8, 8, 8, 8, 8, 10, 8, 4)
     lines.append("  ".join(h.ljust(wd) if i < 2 else h.rjust(wd) for i, (h, wd) in enumerate(zip(header, widths))))
@@ -446,15 +458,15 @@ def format_plan(plan: Plan) -> str:
         b = layout.bytes
         cells = [layout.teacher or "-", layout.student, _gib(b.both("teacher_params")), _gib(b.both("student_params")),
                  _gib(b.both("master_params")), _gib(b.both("optimizer_states")), _gib(b.both("gradients")),
-                 _gib(b.both("comm_buffers") + b.both("other") + b.both("transient")), _gib(b.both("activations")), _gib(b.device_total),
-                 _gib(b.host_total), "yes" if layout.fits else "no"]
+                 _gib(b.both("comm_buffers") + b.both("other") + b.both("transient")), _gib(b.both("activations")),
+                 _gib(b.device_total), _gib(b.host_total), "yes" if layout.fits else "no"]
         lines.append("  ".join(c.ljust(wd) if i < 2 else c.rjust(wd) for i, (c, wd) in enumerate(zip(cells, widths))))
-    lines += ["", "Columns are GiB per GPU of each kind, wherever it lives; 'GPU total' excludes what is offloaded, "
-              "'host' is the offloaded part (CPU RAM per GPU); 'buffers' includes the optimizer step's temporaries "
-              "beyond the activations."]
+    lines += ["", f"Columns are GiB per {unit} of each kind, wherever it lives; '{total}' excludes what is offloaded, "
+              f"'host' is the offloaded part ({host}); 'buffers' includes the optimizer step's "
+              "temporaries beyond the activations."]
     best = plan.recommended
     if best is None:
-        lines.append(f"No layout fits in {_gib(plan.usable_bytes)} GiB per GPU: use more GPUs, a smaller "
+        lines.append(f"No layout fits in {_gib(plan.usable_bytes)} GiB per {unit}: use more {unit}s, a smaller "
                      "train.batch_size (with train.grad_accum), student.gradient_checkpointing=true, or bf16.")
     else:
         lines.append(f"Recommended (least sharded that fits, {_gib(best.bytes.device_total)} of "
@@ -468,7 +480,8 @@ def format_plan(plan: Plan) -> str:
 def plan_as_dict(plan: Plan) -> dict[str, Any]:
     best = plan.recommended
     return {
-        "gpus": plan.gpus, "gpu_mem_gib": plan.gpu_mem_gib, "headroom": plan.headroom, "precision": plan.precision,
+        "device": plan.device, "gpus": plan.gpus, "gpu_mem_gib": plan.gpu_mem_gib, "headroom": plan.headroom,
+        "precision": plan.precision,
         "teacher_params": plan.teacher.params if plan.teacher else None, "student_params": plan.student.params,
         "layouts": [{"teacher": x.teacher, "student": x.student, "fits": x.fits, "device_bytes": x.bytes.device,
                      "host_bytes": x.bytes.host, "device_total": x.bytes.device_total} for x in plan.layouts],

@@ -258,3 +258,14 @@ def test_head_chunked_logit_losses_plan_no_full_logits():
     chunked = plan.activation_bytes(None, dataclasses.replace(lm, head_chunks=True), 4, 2048, "bf16",
                                     full_logits=False)
     assert full - chunked == pytest.approx((4 * 2048 - plan.HEAD_CHUNK_ROWS) * 128_000 * (2 + 4))
+
+
+def test_the_table_and_the_json_name_the_device_planned():
+    """Under --device cpu the numbers are per CPU rank: no column or line may call them per GPU, and the JSON
+    says which device the plan is for (its layouts' numbers differ between the two)."""
+    cfg = config_from_dict(recipe_dict("teacher-7b", precision="bf16", batch_size=8, grad_accum=1))
+    cpu, gpu = (plan.make_plan(cfg, 8, 80, sizes=SIZES, device=device) for device in ("cpu", "cuda"))
+    text = plan.format_plan(cpu)
+    assert "GPU" not in text and "8 CPU rank(s) x 80 GiB" in text and "rank total" in text, text
+    assert "GPU total" in plan.format_plan(gpu)
+    assert plan.plan_as_dict(cpu)["device"] == "cpu" and plan.plan_as_dict(gpu)["device"] == "cuda"
