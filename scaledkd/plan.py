@@ -328,6 +328,13 @@ class Layout:
     student: str
     bytes: Bytes
     fits: bool
+    host_shared: bool = False  # CPU ranks: the "host" share is the rank's own RAM, as its "device" share is
+
+    @property
+    def rank_total(self) -> float:
+        """Bytes that count against one rank's memory: device memory on a GPU (its host share is in the node's
+        RAM, which --gpu-mem does not size), device plus host on a CPU rank (one RAM)."""
+        return self.bytes.device_total + (self.bytes.host_total if self.host_shared else 0.0)
 
     @property
     def cost(self) -> int:
@@ -360,7 +367,7 @@ class Plan:
     def recommended(self) -> Layout | None:
         """The least-sharded layout that fits (ties: the one with the most room left)."""
         fitting = [layout for layout in self.layouts if layout.fits]
-        return min(fitting, key=lambda x: (x.cost, x.bytes.device_total)) if fitting else None
+        return min(fitting, key=lambda x: (x.cost, x.rank_total)) if fitting else None
 
 
 def check_arguments(gpus: int, gpu_mem_gib: float, headroom: float) -> None:
@@ -388,7 +395,8 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, headroom: float = DEFAULT_HEAD
 
     ``device="cpu"`` plans CPU ranks (RAM per rank, as ``benchmarks/scale.py`` measures it): there a buffer's
     pages that are never written are not resident, so a reduce bucket counts only what the student's gradients
-    can fill (``min(reduce_bucket_size, P)``), where a GPU allocator reserves all of it.
+    can fill (``min(reduce_bucket_size, P)``), where a GPU allocator reserves all of it; and what offload layouts
+    put "on the host" is in the rank's own RAM, so a layout fits when device and host bytes together do.
     """
     check_arguments(gpus, gpu_mem_gib, headroom)
     if device not in DEVICES:
@@ -419,7 +427,9 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, headroom: float = DEFAULT_HEAD
             room = 0.0 if on_host and device == "cuda" else forward_live
             temporaries = optimizer_temporaries(student.numels, s_config, gpus, device)
             total.add("transient", max(0.0, temporaries - room), on_host=on_host)
-            layouts.append(Layout(t_name, s_name, total, total.device_total <= gpu_mem_gib * GiB * (1 - headroom)))
+            layout = Layout(t_name, s_name, total, fits=False, host_shared=device == "cpu")
+            layout.fits = layout.rank_total <= gpu_mem_gib * GiB * (1 - headroom)
+            layouts.append(layout)
     return Plan(teacher, student, gpus, gpu_mem_gib, headroom, precision, train.batch_size, cfg.data.max_length,
                 layouts, device)
 
@@ -448,7 +458,8 @@ def format_plan(plan: Plan) -> str:
                  f"projections), {plan.student.layers} layers, width {plan.student.hidden}")
     lines.append("")
     total = f"{unit.split()[-1]} total"  # "GPU total" / "rank total"
-    host = "CPU RAM per GPU" if plan.device == "cuda" else "on CPU ranks, the same RAM"
+    held = ("excludes what is offloaded, 'host' is the offloaded part (CPU RAM per GPU)" if plan.device == "cuda"
+            else "includes the offloaded part, 'host' (on a CPU rank the same RAM), and is what must fit")
     header = ("teacher", "student", "teacher", "weights", "master", "adam", "grads", "buffers", "activ.", total,
               "host", "fits")
     widths = (13, 13, 8, 8, 8, 8, 8, 8, 8, 10, 8, 4)
@@ -459,17 +470,16 @@ def format_plan(plan: Plan) -> str:
         cells = [layout.teacher or "-", layout.student, _gib(b.both("teacher_params")), _gib(b.both("student_params")),
                  _gib(b.both("master_params")), _gib(b.both("optimizer_states")), _gib(b.both("gradients")),
                  _gib(b.both("comm_buffers") + b.both("other") + b.both("transient")), _gib(b.both("activations")),
-                 _gib(b.device_total), _gib(b.host_total), "yes" if layout.fits else "no"]
+                 _gib(layout.rank_total), _gib(b.host_total), "yes" if layout.fits else "no"]
         lines.append("  ".join(c.ljust(wd) if i < 2 else c.rjust(wd) for i, (c, wd) in enumerate(zip(cells, widths))))
-    lines += ["", f"Columns are GiB per {unit} of each kind, wherever it lives; '{total}' excludes what is offloaded, "
-              f"'host' is the offloaded part ({host}); 'buffers' includes the optimizer step's "
-              "temporaries beyond the activations."]
+    lines += ["", f"Columns are GiB per {unit} of each kind, wherever it lives; '{total}' {held}; 'buffers' "
+              "includes the optimizer step's temporaries beyond the activations."]
     best = plan.recommended
     if best is None:
         lines.append(f"No layout fits in {_gib(plan.usable_bytes)} GiB per {unit}: use more {unit}s, a smaller "
                      "train.batch_size (with train.grad_accum), student.gradient_checkpointing=true, or bf16.")
     else:
-        lines.append(f"Recommended (least sharded that fits, {_gib(best.bytes.device_total)} of "
+        lines.append(f"Recommended (least sharded that fits, {_gib(best.rank_total)} of "
                      f"{_gib(plan.usable_bytes)} GiB): teacher {best.teacher or '-'} + student {best.student}")
         if best.teacher is not None:
             lines.append(f"  teacher.ds_config: {TEACHER_LAYOUTS[best.teacher]}")
@@ -481,10 +491,11 @@ def plan_as_dict(plan: Plan) -> dict[str, Any]:
     best = plan.recommended
     return {
         "device": plan.device, "gpus": plan.gpus, "gpu_mem_gib": plan.gpu_mem_gib, "headroom": plan.headroom,
-        "precision": plan.precision,
+        "precision": plan.precision, "usable_bytes": plan.usable_bytes,
         "teacher_params": plan.teacher.params if plan.teacher else None, "student_params": plan.student.params,
         "layouts": [{"teacher": x.teacher, "student": x.student, "fits": x.fits, "device_bytes": x.bytes.device,
-                     "host_bytes": x.bytes.host, "device_total": x.bytes.device_total} for x in plan.layouts],
+                     "host_bytes": x.bytes.host, "device_total": x.bytes.device_total,
+                     "rank_total": x.rank_total} for x in plan.layouts],
         "recommended": None if best is None else {
             "teacher": best.teacher, "student": best.student, "student_ds_config": STUDENT_LAYOUTS[best.student],
             "teacher_ds_config": TEACHER_LAYOUTS[best.teacher] if best.teacher else None},

@@ -269,3 +269,37 @@ def test_the_table_and_the_json_name_the_device_planned():
     assert "GPU" not in text and "8 CPU rank(s) x 80 GiB" in text and "rank total" in text, text
     assert "GPU total" in plan.format_plan(gpu)
     assert plan.plan_as_dict(cpu)["device"] == "cpu" and plan.plan_as_dict(gpu)["device"] == "cuda"
+
+
+def test_cpu_ranks_fit_device_and_offloaded_bytes_in_one_ram():
+    """On CPU ranks 'offloaded to host' is the same RAM as the rank's 'device' share: a layout fits when both
+    together do. On GPUs only device memory counts against --gpu-mem (host RAM is not what it sizes)."""
+    cfg = config_from_dict(recipe_dict("teacher-7b", precision="bf16", batch_size=8, grad_accum=1))
+    cpu, gpu = (plan.make_plan(cfg, 8, 20, sizes=SIZES, device=device) for device in ("cpu", "cuda"))
+    usable = cpu.usable_bytes
+    on_cpu = {(x.teacher, x.student): x for x in cpu.layouts}[("replicated", "zero3_offload")]
+    on_gpu = {(x.teacher, x.student): x for x in gpu.layouts}[("replicated", "zero3_offload")]
+    assert on_cpu.bytes.device_total <= usable < on_cpu.bytes.device_total + on_cpu.bytes.host_total
+    assert on_gpu.bytes.device_total <= usable < on_gpu.bytes.device_total + on_gpu.bytes.host_total
+    assert not on_cpu.fits and on_gpu.fits
+    for x, row in zip(cpu.layouts, plan.plan_as_dict(cpu)["layouts"]):
+        assert row["rank_total"] == x.bytes.device_total + x.bytes.host_total
+        assert x.fits == row["fits"] == (row["rank_total"] <= usable), (x.teacher, x.student)
+    for x, row in zip(gpu.layouts, plan.plan_as_dict(gpu)["layouts"]):
+        assert row["rank_total"] == x.bytes.device_total
+        assert x.fits == row["fits"] == (row["rank_total"] <= usable), (x.teacher, x.student)
+
+
+def test_cpu_ranks_recommend_no_offload_layout_that_overflows_their_ram():
+    """One CPU rank of 32 GiB: the cheapest layouts whose device share fits are the offload ones, but with the
+    host share they need 45+ GiB of that rank's RAM, so nothing fits; on a 32 GiB GPU the offload layout does."""
+    cfg = config_from_dict(recipe_dict("teacher-7b", precision="bf16", batch_size=8, grad_accum=1))
+    cpu, gpu = (plan.make_plan(cfg, 1, 32, sizes=SIZES, device=device) for device in ("cpu", "cuda"))
+    assert any(x.bytes.device_total <= cpu.usable_bytes for x in cpu.layouts)
+    assert cpu.recommended is None and plan.plan_as_dict(cpu)["recommended"] is None
+    assert "No layout fits in 27.20 GiB per CPU rank" in plan.format_plan(cpu)
+    best = gpu.recommended
+    assert best is not None and best.bytes.host_total > 0
+    assert best.bytes.device_total <= gpu.usable_bytes < best.bytes.device_total + best.bytes.host_total
+    layout = plan.plan_as_dict(cpu)["layouts"][0]
+    assert {"teacher", "student", "fits", "device_bytes", "host_bytes", "device_total"} <= set(layout)
