@@ -11,13 +11,7 @@ import yaml
 from scaledkd import cli
 from scaledkd.config import ConfigError, config_from_dict, load_config
 from scaledkd.engine.stages import stage_configs
-from tests.tiny import REPO, make_sst2, make_tiny_bert, tiny_recipe, write_recipe
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    return make_tiny_bert(root / "teacher"), make_sst2(root / "glue")
+from tests.tiny import REPO, tiny_recipe, write_recipe
 
 
 @pytest.fixture(autouse=True)
@@ -47,8 +41,8 @@ FOUR_STAGES = [
 # --------------------------------------------------------------------------------------------- derived configs
 
 
-def test_stage_configs_chain_students_and_teachers(assets, tmp_path):
-    teacher, data_dir = assets
+def test_stage_configs_chain_students_and_teachers(tiny_assets, tmp_path):
+    teacher, data_dir = tiny_assets
     cfg = config_from_dict(staged(tmp_path, teacher, data_dir, FOUR_STAGES, train__resume="latest"))
     ft, ild, kd, alone = stage_configs(cfg)
     root = tmp_path / "run"
@@ -70,8 +64,8 @@ def test_stage_configs_chain_students_and_teachers(assets, tmp_path):
     assert alone.student.from_model == ft_export and alone.student.layers == [1, 3]
 
 
-def test_stage_references_in_loss_params_are_folders(assets, tmp_path):
-    teacher, data_dir = assets
+def test_stage_references_in_loss_params_are_folders(tiny_assets, tmp_path):
+    teacher, data_dir = tiny_assets
     stages = [{"name": "a", "losses": [{"name": "task"}]},
               {"name": "b", "losses": [{"name": "logit_kd", "params": {"where": "stage:a", "other": ["stage:a", 1]}}]}]
     cfg = config_from_dict(staged(tmp_path, teacher, data_dir, stages))
@@ -79,8 +73,8 @@ def test_stage_references_in_loss_params_are_folders(assets, tmp_path):
     assert params == {"where": str(tmp_path / "run" / "stage_1_a"), "other": [str(tmp_path / "run" / "stage_1_a"), 1]}
 
 
-def test_plan_mode_stands_in_for_missing_exports(assets, tmp_path):
-    teacher, data_dir = assets
+def test_plan_mode_stands_in_for_missing_exports(tiny_assets, tmp_path):
+    teacher, data_dir = tiny_assets
     cfg = config_from_dict(staged(tmp_path, teacher, data_dir, FOUR_STAGES))
     ft, ild, kd, alone = stage_configs(cfg, plan=True)
     # Nothing ran yet: the teacher stage's export is stood in for by the teacher it starts from, and the later
@@ -102,8 +96,8 @@ def test_plan_mode_stands_in_for_missing_exports(assets, tmp_path):
      "stage:b, which is not an earlier stage"),
     ([{"name": "a", "student": {"from_model": "stage:a"}}], "not an earlier stage"),
 ])
-def test_stage_schema_errors(assets, tmp_path, stages, message):
-    teacher, data_dir = assets
+def test_stage_schema_errors(tiny_assets, tmp_path, stages, message):
+    teacher, data_dir = tiny_assets
     recipe = staged(tmp_path, teacher, data_dir, stages)
     recipe["losses"] = [{"name": "task"}]
     with pytest.raises(ConfigError) as err:
@@ -111,8 +105,8 @@ def test_stage_schema_errors(assets, tmp_path, stages, message):
     assert message in str(err.value)
 
 
-def test_stage_needs_losses_and_a_teacher(assets, tmp_path):
-    teacher, data_dir = assets
+def test_stage_needs_losses_and_a_teacher(tiny_assets, tmp_path):
+    teacher, data_dir = tiny_assets
     with pytest.raises(ConfigError, match=r"stages\[a\] has no losses"):
         config_from_dict(staged(tmp_path, teacher, data_dir, [{"name": "a"}]))
     recipe = staged(tmp_path, teacher, data_dir, [{"name": "a", "losses": [{"name": "logit_kd"}]}])
@@ -122,8 +116,8 @@ def test_stage_needs_losses_and_a_teacher(assets, tmp_path):
         config_from_dict(recipe)
 
 
-def test_override_reaches_one_stage(assets, tmp_path):
-    teacher, data_dir = assets
+def test_override_reaches_one_stage(tiny_assets, tmp_path):
+    teacher, data_dir = tiny_assets
     path = write_recipe(tmp_path / "r.yaml", **staged(tmp_path, teacher, data_dir, FOUR_STAGES))
     cfg = load_config(path, ["stages.kd.train.max_steps=1", "train.lr=2e-4"])
     ft, ild, kd, _ = stage_configs(cfg)
@@ -144,12 +138,12 @@ def run_cli(argv, capsys):
     return code, out.out, out.err
 
 
-def test_staged_run_resumes_skips_and_summarises(assets, tmp_path, capsys, monkeypatch):
+def test_staged_run_resumes_skips_and_summarises(tiny_assets, tmp_path, capsys, monkeypatch):
     """Teacher fine-tune (becomes the teacher) -> student KD. Stage 2 dies at step 3 (a loss turns NaN on its
     third call), after checkpoints at steps 1 and 2. A plain re-run is refused; train.resume=latest skips the
     finished stage 1 and resumes stage 2 at step 2 (a fresh process's plugin counts from 0 again, so steps 3-4
     pass); only then does the summary metrics.json appear; a further re-run is refused as finished."""
-    teacher, data_dir = assets
+    teacher, data_dir = tiny_assets
     monkeypatch.syspath_prepend(str(Path(__file__).parent / "plugins"))
     stages = [
         {"name": "teacher_ft", "trains": "teacher", "becomes_teacher": True, "losses": [{"name": "task"}],
@@ -191,8 +185,8 @@ def test_staged_run_resumes_skips_and_summarises(assets, tmp_path, capsys, monke
     assert code == 2 and "already holds a finished staged run" in err
 
 
-def test_interrupted_stage_without_checkpoint_restarts(assets, tmp_path, capsys):
-    teacher, data_dir = assets
+def test_interrupted_stage_without_checkpoint_restarts(tiny_assets, tmp_path, capsys):
+    teacher, data_dir = tiny_assets
     stages = [{"name": "kd", "losses": [{"name": "logit_kd"}], "train": {"max_steps": 1}}]
     recipe = write_recipe(tmp_path / "r.yaml", **staged(tmp_path, teacher, data_dir, stages))
     partial = tmp_path / "run" / "stage_1_kd"
@@ -204,11 +198,11 @@ def test_interrupted_stage_without_checkpoint_restarts(assets, tmp_path, capsys)
     assert not list((tmp_path / "run").glob("stage_1_kd.replaced-*"))  # the partial run, removed once finished
 
 
-def test_finetune_of_a_staged_recipe_is_its_last_student_stage_without_teacher(assets, tmp_path):
+def test_finetune_of_a_staged_recipe_is_its_last_student_stage_without_teacher(tiny_assets, tmp_path):
     """A staged recipe's no-teacher baseline is one run of its last student stage, on the recipe's own student."""
     from scaledkd.build import baseline
 
-    teacher, data_dir = assets
+    teacher, data_dir = tiny_assets
     stages = [{"name": "ild", "losses": [{"name": "hidden_mse"}], "train": {"epochs": 9}},
               {"name": "kd", "losses": [{"name": "logit_kd"}], "train": {"lr": 0.5}}]
     cfg = baseline(config_from_dict(staged(tmp_path, teacher, data_dir, stages)))
