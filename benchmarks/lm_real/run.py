@@ -297,8 +297,8 @@ def report(r: dict) -> str:
                  "distils best.")
     else:
         start = ("Reading the table: the blocks were chosen before training by `benchmarks/lm_real/choose_blocks.py` "
-                 "(greedy removal on training rows; see `lm_real_blocks.md`), so the student starts from a working "
-                 "copy instead of one worse than a uniform guess.")
+                 "(greedy removal on training rows; see `lm_real_blocks.md` for 10 blocks, `lm_real_blocks6.md` for "
+                 "6), so the student starts from a working copy instead of one worse than a uniform guess.")
         teacher, base = models.get("teacher"), models.get("no_teacher")
         if teacher and base:
             ratio = base["heldout"]["perplexity"] / teacher["heldout"]["perplexity"]
