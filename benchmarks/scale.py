@@ -391,7 +391,7 @@ def plan_layout(recipe: Path, args, env: dict[str, str]) -> dict:
     layout = next(x for x in plan["layouts"] if x["teacher"] == teacher and x["student"] == student)
     categories = sorted(set(layout["device_bytes"]) | set(layout["host_bytes"]))
     by_category = {c: layout["device_bytes"].get(c, 0) + layout["host_bytes"].get(c, 0) for c in categories}
-    return {"plan_gib": round(sum(by_category.values()) / 2**30, 3),
+    return {"plan_gib": round(layout["rank_total"] / 2**30, 3),  # the planner's per-rank total (device + host)
             "plan_by_category_gib": {c: round(v / 2**30, 3) for c, v in by_category.items()},
             "plan_command": shlex.join(["scaledkd", *cmd[3:]])}
 

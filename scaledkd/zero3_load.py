@@ -10,7 +10,8 @@ parameters are allocated whole for a moment and partitioned as soon as the modul
 partition (``param.ds_tensor``: elements ``[r * p, (r + 1) * p)`` of the row-major flattening, ``p = ceil(numel /
 N)``, the last partition zero-padded) is filled from the checkpoint by reading only those elements
 (:class:`SafetensorsFile`: one contiguous byte range per partition, read with plain file reads into the
-partition itself, or through a host buffer of its size when the partition is on the GPU). No collective runs, no rank reads another rank's elements, and nothing is memory-mapped.
+partition itself, or through a host buffer of its size when the partition is on the GPU). No collective runs, no
+rank reads another rank's elements, and nothing is memory-mapped.
 
 Used by :func:`scaledkd.models.load_pretrained` while a stage-3 ``HfDeepSpeedConfig`` is alive (the engine's load
 context). A checkpoint whose names do not line up with the model's (legacy names, a missing trained tensor, a
